@@ -1,0 +1,117 @@
+"""The `minihuatuo` command line. Each stage of the recipe is a subcommand working on files.
+
+Only results go to stdout; progress, warnings and diagnostics go to stderr, so that stdout can be
+piped (the `generate --raw` contract: stdout is exactly the decoded completion).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_model_args(p: argparse.ArgumentParser):
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="weights dtype; 'auto' keeps the stored one (default float32)")
+    p.add_argument("--device", default=_default_device(), help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system message for the chat template")
+
+
+def _load(args):
+    from .checkpoint import load_model
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(args.model)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
+    return model, tokenizer
+
+
+def _sampling(args, tokenizer):
+    from .sample import SamplingConfig
+
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, stop_token_ids=tuple(tokenizer.eos_ids), seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    from .sample import generate
+
+    model, tokenizer = _load(args)
+    if args.raw:
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": args.prompt}])
+    out = generate(model, [prompt], _sampling(args, tokenizer), pad_id=tokenizer.pad_id)
+    text = tokenizer.decode(out.responses()[0], skip_special_tokens=True)
+    sys.stdout.write(text + ("\n" if sys.stdout.isatty() else ""))
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """A multi-turn conversation on the terminal: one line in, one reply out. /reset clears, /exit quits."""
+    from .sample import generate
+
+    model, tokenizer = _load(args)
+    cfg = _sampling(args, tokenizer)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    start = len(history)
+    print("minihuatuo chat: type a message; /reset to start over, /exit to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            del history[start:]
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        out = generate(model, [tokenizer.apply_chat_template(history)], cfg, pad_id=tokenizer.pad_id)
+        reply = tokenizer.decode(out.responses()[0], skip_special_tokens=True)
+        history.append({"role": "assistant", "content": reply})
+        print(reply, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minihuatuo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="complete one prompt with a checkpoint")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="encode the prompt as is, without the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk to a checkpoint on the terminal")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"minihuatuo {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,55 @@
+"""Shared test fixtures: tiny random checkpoints and a tiny trained tokenizer, written to real files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TEXT = [
+    "The patient presents with fever, cough and pleuritic chest pain.",
+    "A chest radiograph shows lobar consolidation; the first-line treatment is amoxicillin.",
+    "In pregnancy, avoid the drug and choose the alternative.",
+    "Hmm, wait: the troponin is raised, so consider myocardial infarction.",
+    "Final answer: community-acquired pneumonia. Verification: the findings agree.",
+] * 20
+
+PLAIN_SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def write_plain_tokenizer(path: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE tokenizer with the project's plain chat template tokens, saved as
+    tokenizer.json + tokenizer_config.json + generation_config.json in `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=PLAIN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TEXT, trainer)
+    bos = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", special_tokens=[("<|bos|>", bos)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|bos|>", "eos_token": "<|end|>", "pad_token": "<|pad|>"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.token_to_id("<|end|>")}))
+    return path
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A random tiny Llama-shaped checkpoint with a real tokenizer, saved by minihuatuo."""
+    from minihuatuo.checkpoint import save_model
+    from minihuatuo.model import build_model, preset
+
+    tok_dir = write_plain_tokenizer(tmp_path / "tok")
+    model = build_model(preset("tiny", vocab_size=320), seed=0)
+    # Larger weights than the 0.02 init make the greedy path depend on the prompt (not one token forever).
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return save_model(model, tmp_path / "ckpt", copy_files_from=tok_dir)
