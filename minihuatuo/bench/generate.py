@@ -1,0 +1,159 @@
+"""Decode speed: minihuatuo's KV-cache sampler vs transformers' `generate` on the same random-weight
+checkpoint, greedy, fp32, plus the weight-streaming bound measured in the same run.
+
+    python -m minihuatuo.bench generate [--presets tiny,llama-125m] [--batch 1,16] [--json]
+
+Decode tokens/s excludes the prefill: each configuration is timed with max_new_tokens = N and = 1
+(prefill + first token), and rate = B·(N−1) / (t_N − t_1). Each timing is the best of --repeats runs.
+
+The bound: at batch 1 every decoded token must stream every weight matrix from memory once, so the
+time of one pass of GEMVs (F.linear with a single row) over all of the model's matrices is the
+fastest a token can be produced; `of_bound` is the fraction of it our batch-1 decode reaches.
+
+transformers is the baseline here and nowhere else in the package; it is imported only inside this
+benchmark (the `dev` extra installs it). It is configured at its best: attention mask and pad id
+given, EOS disabled so both sides decode exactly N tokens, static inputs, no sampling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import save_model
+from ..model import build_model, preset
+from ..sample import SamplingConfig, generate
+
+
+def best_time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def weight_streaming_bound(model, repeats: int) -> float:
+    """Tokens/s if a token cost exactly one GEMV pass over every weight matrix (no attention, no overhead)."""
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {n: torch.randn(1, n) for n in {w.shape[1] for w in mats}}
+
+    def one_pass():
+        for w in mats:
+            F.linear(xs[w.shape[1]], w)
+
+    with torch.no_grad():
+        one_pass()
+        return 1.0 / best_time(one_pass, repeats * 5)
+
+
+def decode_rate(run, B: int, N: int, repeats: int) -> float:
+    run(1)  # warm-up (allocations, thread pools)
+    t_n = best_time(lambda: run(N), repeats)
+    t_1 = best_time(lambda: run(1), repeats)
+    return B * (N - 1) / (t_n - t_1)
+
+
+def bench_preset(name: str, batches, N: int, prompt_len: int, repeats: int, with_hf: bool) -> dict:
+    torch.manual_seed(0)
+    model = build_model(preset(name), seed=0).eval()
+    result = {"preset": name, "params_M": round(model.num_parameters() / 1e6, 1),
+              "bound_tok_s": round(weight_streaming_bound(model, repeats), 1), "batches": []}
+    hf = None
+    if with_hf:
+        import transformers  # the baseline only; see the module docstring
+
+        with tempfile.TemporaryDirectory() as d:
+            save_model(model, d)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        hf.generation_config.eos_token_id = None
+        hf.generation_config.pad_token_id = 0
+    g = torch.Generator().manual_seed(1)
+    for B in batches:
+        prompts = torch.randint(1, model.cfg.vocab_size, (B, prompt_len), generator=g)
+        prompt_lists = prompts.tolist()
+        mask = torch.ones_like(prompts)
+
+        def ours(n):
+            return generate(model, prompt_lists, SamplingConfig(max_new_tokens=n, temperature=0), pad_id=0)
+
+        row = {"batch": B, "ours_tok_s": round(decode_rate(ours, B, N, repeats), 1)}
+        if hf is not None:
+            def theirs(n):
+                with torch.no_grad():
+                    return hf.generate(prompts, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=0, eos_token_id=None)
+
+            row["hf_tok_s"] = round(decode_rate(theirs, B, N, repeats), 1)
+            row["speedup_vs_hf"] = round(row["ours_tok_s"] / row["hf_tok_s"], 2)
+            row["same_tokens"] = bool(torch.equal(ours(N).tokens, theirs(N)[:, prompt_len:]))
+        if B == 1:
+            row["of_bound"] = round(row["ours_tok_s"] / result["bound_tok_s"], 3)
+            if hf is not None:
+                row["hf_of_bound"] = round(row["hf_tok_s"] / result["bound_tok_s"], 3)
+        result["batches"].append(row)
+    return result
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m minihuatuo.bench generate", description=__doc__.splitlines()[0])
+    p.add_argument("--presets", default="tiny,llama-125m")
+    p.add_argument("--batch", default="1,16")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = p.parse_args(argv)
+    with_hf = not args.no_hf
+    if with_hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("transformers is not installed (pip install -e '.[dev]'); running without the baseline",
+                  file=sys.stderr)
+            with_hf = False
+    batches = [int(b) for b in args.batch.split(",")]
+    report = {"machine": machine(), "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
+              "dtype": "float32", "results": []}
+    for name in args.presets.split(","):
+        report["results"].append(bench_preset(name, batches, args.new_tokens, args.prompt_len, args.repeats,
+                                              with_hf))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m = report["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); fp32, greedy, "
+          f"{args.prompt_len}-token prompt, {args.new_tokens} new tokens; decode tokens/s (best of {args.repeats})")
+    for r in report["results"]:
+        print(f"\n{r['preset']} ({r['params_M']}M params), weight-streaming bound {r['bound_tok_s']} tok/s")
+        for row in r["batches"]:
+            line = f"  batch {row['batch']:>3}: minihuatuo {row['ours_tok_s']:>8} tok/s"
+            if "hf_tok_s" in row:
+                line += (f" | transformers {row['hf_tok_s']:>8} tok/s | x{row['speedup_vs_hf']}"
+                         f" | same tokens: {'yes' if row['same_tokens'] else 'NO'}")
+            if "of_bound" in row:
+                line += f" | {row['of_bound']:.0%} of bound"
+                if "hf_of_bound" in row:
+                    line += f" (transformers {row['hf_of_bound']:.0%})"
+            print(line)
+    return 0
