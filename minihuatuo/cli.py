@@ -72,10 +72,11 @@ def cmd_chat(args) -> int:
     start = len(history)
     print("minihuatuo chat: type a message; /reset to start over, /exit to quit.", file=sys.stderr)
     while True:
-        try:
-            line = input("you> ")
-        except EOFError:
+        print("you> ", end="", file=sys.stderr, flush=True)  # the prompt is not output: stderr
+        line = sys.stdin.readline()
+        if not line:  # end of input
             return 0
+        line = line.rstrip("\n")
         if line.strip() == "/exit":
             return 0
         if line.strip() == "/reset":

@@ -121,9 +121,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm without a weight is exactly x32 * rsqrt(mean(x32²) + eps), in one fused op
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -146,18 +145,23 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of position · θ for each (B, T) position, duplicated over the two halves of D (the
-    rotate-half layout of HF checkpoints, not the interleaved one of Meta's reference code)."""
-    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2), always fp32
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    """cos and signed sin of position · θ for each (B, T) position, shaped (B, 1, T, D) to broadcast
+    over heads. Angles are duplicated over the two halves of D: the rotate-half layout of HF
+    checkpoints (not the interleaved one of Meta's reference code). The sin of the first half is
+    negated here, once per forward, so that `apply_rope` needs no negation per layer."""
+    freqs = position_ids[:, None, :, None].float() * inv_freq  # (B, 1, T, D/2), always fp32
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, 1, T, D)
+    half = inv_freq.shape[0]
+    sign = torch.cat((emb.new_full((half,), -1.0), emb.new_ones(half)))  # (D,)
+    return emb.cos().to(dtype), (emb.sin() * sign).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x_i, x_{i+D/2}) by angle position·θ_i. x: (B, nh, T, D); cos, sin: (B, T, D)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+D/2}) by angle position·θ_i. x: (B, nh, T, D); cos, sin: (B, 1, T, D).
+
+    The textbook form is x·cos + rotate_half(x)·sin with rotate_half(x) = (−x_2, x_1); rolling x by D/2
+    gives (x_2, x_1), and the minus sign already sits in `sin_signed` (see rope_cos_sin)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 # ----------------------------------------------------------------------------- blocks

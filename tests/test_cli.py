@@ -1,0 +1,100 @@
+"""The command line, run as a user runs it (subprocesses on real checkpoint files).
+
+Contract: `minihuatuo generate --model DIR --prompt TEXT --max-new-tokens N --temperature 0 --raw`
+prints exactly the decoded completion (special tokens skipped, no chat template) and nothing else."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+PROMPT = "The patient presents with fever and cough. Hmm, wait:"
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "minihuatuo", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def oracle_completion(ckpt, ids, n):
+    """Greedy completion by transformers on the same files, decoded by the `tokenizers` library."""
+    transformers = pytest.importorskip("transformers")
+    from minihuatuo.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(ckpt)
+    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                      max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_ids, pad_token_id=tok.pad_id)
+    return HFTokenizer.from_file(str(ckpt / "tokenizer.json")).decode(out[0, len(ids):].tolist(),
+                                                                      skip_special_tokens=True)
+
+
+def test_generate_raw_contract_stdout_is_exactly_the_completion(tiny_checkpoint):
+    r = run("generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "20",
+            "--temperature", "0", "--raw")
+    assert r.returncode == 0, r.stderr
+    ids = HFTokenizer.from_file(str(tiny_checkpoint / "tokenizer.json")).encode(PROMPT).ids  # BOS added
+    expected = oracle_completion(tiny_checkpoint, ids, 20)
+    assert expected.strip()  # a non-trivial completion, so equality means something
+    assert r.stdout == expected
+
+
+def test_console_script_matches_module(tiny_checkpoint):
+    exe = shutil.which("minihuatuo")
+    if exe is None:
+        pytest.skip("console script not on PATH (package not installed)")
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "12",
+            "--temperature", "0", "--raw"]
+    a = subprocess.run([exe, *args], capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0 and a.stdout == run(*args).stdout
+
+
+def test_generate_applies_the_chat_template_without_raw(tiny_checkpoint):
+    from minihuatuo.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}])
+    r = run("generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--system", "Be brief.",
+            "--max-new-tokens", "15", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == oracle_completion(tiny_checkpoint, ids, 15)
+
+
+def test_sampling_with_seed_is_reproducible_from_the_cli(tiny_checkpoint):
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "15",
+            "--temperature", "1.0", "--top-p", "0.9", "--seed", "3", "--raw"]
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+def test_chat_keeps_the_conversation(tiny_checkpoint):
+    from minihuatuo.sample import SamplingConfig, generate
+    from minihuatuo.checkpoint import load_model
+    from minihuatuo.tokenizer import Tokenizer
+
+    r = run("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "10", "--temperature", "0",
+            stdin="What is the first-line treatment?\nAnd in pregnancy?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    # The second reply must be generated from the whole conversation, first reply included.
+    tok, model = Tokenizer.from_dir(tiny_checkpoint), load_model(tiny_checkpoint).eval()
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, stop_token_ids=tuple(tok.eos_ids))
+    history, expected_stdout = [], ""
+    for question in ["What is the first-line treatment?", "And in pregnancy?"]:
+        history.append({"role": "user", "content": question})
+        out = generate(model, [tok.apply_chat_template(history)], cfg, pad_id=tok.pad_id)
+        reply = tok.decode(out.responses()[0])
+        history.append({"role": "assistant", "content": reply})
+        expected_stdout += reply + "\n"
+    assert r.stdout == expected_stdout
+    assert r.stderr.count("you> ") == 3  # the prompts went to stderr
+
+
+def test_bad_checkpoint_gives_a_clear_error_and_no_stdout(tmp_path):
+    r = run("generate", "--model", str(tmp_path / "missing"), "--prompt", "x", "--raw")
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert "no tokenizer.json" in r.stderr and str(tmp_path / "missing") in r.stderr
