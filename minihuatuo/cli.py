@@ -104,7 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a checkpoint on the terminal")
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
+
+    # Each stage module declares its own subcommands in `add_cli(sub)`; this list is the whole
+    # wiring (one line per module, in the order of the recipe).
+    import importlib
+
+    for module in STAGE_MODULES:
+        importlib.import_module(module).add_cli(sub)
     return parser
+
+
+STAGE_MODULES: list[str] = [
+]
 
 
 def main(argv=None) -> int:
