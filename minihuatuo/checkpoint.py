@@ -11,6 +11,7 @@ missing, unexpected or wrongly shaped tensor is collected and reported in one er
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -208,61 +209,71 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Transfor
 
 
 def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, copy_files_from=None) -> Path:
-    """Write `model` as an HF checkpoint directory, atomically: everything goes to a temporary
-    sibling directory that is renamed into place at the end, so a crash never leaves a half-written
-    checkpoint under `path`. copy_files_from: a directory whose tokenizer / generation files are copied."""
+    """Write `model` as an HF checkpoint directory, atomically (see `atomic_dir`).
+    copy_files_from: a directory whose tokenizer / generation-config files are copied alongside."""
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp, max_shard_bytes, copy_files_from)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a temporary sibling directory of `path`; on success it is renamed to `path`, so a crash
+    never leaves a half-written directory there (on failure it is deleted, and the old `path`, if
+    any, is untouched). A directory cannot be renamed over a non-empty one, so an existing `path` is
+    first renamed aside and deleted only after the new one is in place."""
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # stored once, as the embedding
-    dtype = model.model.embed_tokens.weight.dtype
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        with open(tmp / "config.json", "w", encoding="utf-8") as f:
-            json.dump(config_to_hf(model.cfg, dtype), f, indent=2)
-        shards, current, size = [], {}, 0
-        for name, t in state.items():
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name] = t
-            size += nbytes
-        shards.append(current)
-        metadata = {"format": "pt"}  # transformers refuses safetensors files without it
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata=metadata)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=metadata)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            with open(tmp / "model.safetensors.index.json", "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if copy_files_from is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                         "generation_config.json"):
-                src = Path(copy_files_from) / name
-                if src.exists():
-                    shutil.copy2(src, tmp / name)
-        _replace_dir(tmp, path)
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
-
-
-def _replace_dir(new: Path, target: Path):
-    """Move `new` to `target`. A directory cannot be renamed over a non-empty one, so an existing
-    target is first renamed aside and deleted only after the new one is in place."""
-    if not target.exists():
-        os.replace(new, target)
+    if not path.exists():
+        os.replace(tmp, path)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
     os.rmdir(old)
-    os.replace(target, old)
-    os.replace(new, target)
+    os.replace(path, old)
+    os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_model_files(model: Transformer, out: Path, max_shard_bytes: int = 5 * 2**30, copy_files_from=None,
+                      state: dict | None = None):
+    """config.json + model.safetensors (or shards + index) into the existing directory `out`.
+    state: the full state dict to write instead of model.state_dict() (e.g. gathered from FSDP shards)."""
+    out = Path(out)
+    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    if model.cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # stored once, as the embedding
+    dtype = model.model.embed_tokens.weight.dtype
+    with open(out / "config.json", "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(model.cfg, dtype), f, indent=2)
+    shards, current, size = [], {}, 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    metadata = {"format": "pt"}  # transformers refuses safetensors files without it
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata=metadata)
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(out / "model.safetensors.index.json", "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if copy_files_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+            src = Path(copy_files_from) / name
+            if src.exists():
+                shutil.copy2(src, out / name)

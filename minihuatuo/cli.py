@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 STAGE_MODULES: list[str] = [
+    "minihuatuo.sft",
+    "minihuatuo.serve",
 ]
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -277,6 +278,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if cfg.lm_head else None
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False) if cfg.num_labels else None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE frequencies per device, kept fp32
+        self.activation_checkpointing = False  # a training switch, set from outside (sft.py / ppo.py)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -312,16 +314,24 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(self.inv_freq(device), position_ids, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, is_causal, cache, cache_start)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # keep only each block's input; recompute its activations during backward
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, cache_start, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, cache, cache_start)
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_start=0,
-                last_only=False):
-        """LM logits (B, T, V), or (B, 1, V) for the last position only (decoding: the LM head is the
-        largest matrix of a small model, so we skip it for positions nobody samples from)."""
+                last_only=False, logits_at=None):
+        """LM logits (B, T, V); or (B, 1, V) for the last position only (decoding); or (N, V) for the N
+        positions where the (B, T) bool mask `logits_at` is True (training: only target positions).
+        The LM head is the largest matrix of a small model and its output the largest activation, so
+        we never compute it for positions nobody samples from or scores."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_start)
         if last_only:
             h = h[:, -1:]
+        elif logits_at is not None:
+            h = h[logits_at]  # (N, C)
         return self.lm_head(h)
 
     def values(self, input_ids, attention_mask=None, position_ids=None):

@@ -63,6 +63,12 @@ class ChatTemplate:
         if self.kind not in KINDS:
             raise ValueError(f"unknown chat template kind {self.kind!r}; expected one of {KINDS}")
 
+    @property
+    def end_of_turn(self) -> str:
+        """The special token that closes an assistant turn: the last token SFT trains on, and the
+        token generation stops at."""
+        return {"llama3": "<|eot_id|>", "llama3.1": "<|eot_id|>", "chatml": "<|im_end|>", "plain": "<|end|>"}[self.kind]
+
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         _check_messages(messages)
         return getattr(self, "_render_" + self.kind.replace(".", "_"))(messages, add_generation_prompt)
