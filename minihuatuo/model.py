@@ -242,6 +242,8 @@ def attention_mask_for(attention_mask, T: int, cache_start: int, device):
     block-diagonal for packed sequences), used as given.
     """
     S = cache_start + T
+    if attention_mask is not None and attention_mask.dim() == 2 and cache_start == 0 and bool(attention_mask.all()):
+        attention_mask = None  # no padding at all: use SDPA's causal fast path instead of an explicit mask
     if attention_mask is None:
         if cache_start == 0:
             return None, T > 1  # plain causal: SDPA's fast path

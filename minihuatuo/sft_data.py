@@ -114,11 +114,12 @@ def shifted_labels(t: Tokenized) -> list[int]:
 class Batch:
     input_ids: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), already shifted; IGNORE where no loss
-    attention_mask: torch.Tensor  # (B, T) padding mask, or (B, T, T) bool block-diagonal causal (packed)
+    attention_mask: torch.Tensor | None  # None (right padding, see collate_padded) or (B, T, T) bool (packed)
     position_ids: torch.Tensor  # (B, T)
 
     def to(self, device):
-        return Batch(*(x.to(device) for x in (self.input_ids, self.labels, self.attention_mask, self.position_ids)))
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.attention_mask), move(self.position_ids))
 
 
 def collate_padded(items: list[Tokenized], pad_id: int) -> Batch:
@@ -126,14 +127,14 @@ def collate_padded(items: list[Tokenized], pad_id: int) -> Batch:
     T = max(len(t.ids) for t in items)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     labels = torch.full((len(items), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), T), dtype=torch.long)
     for b, t in enumerate(items):
         n = len(t.ids)
         ids[b, :n] = torch.tensor(t.ids)
         labels[b, :n] = torch.tensor(shifted_labels(t))
-        mask[b, :n] = 1
     positions = torch.arange(T).expand(len(items), T)
-    return Batch(ids, labels, mask, positions)
+    # Right padding needs no mask: with causal attention a real token never sees the pads after it, and
+    # the pads' own outputs carry no loss. Dropping the mask lets SDPA take its causal fast path.
+    return Batch(ids, labels, None, positions)
 
 
 def pack_rows(items: list[Tokenized], max_length: int) -> list[list[Tokenized]]:
