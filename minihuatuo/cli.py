@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 STAGE_MODULES: list[str] = [
     "minihuatuo.sft",
     "minihuatuo.serve",
+    "minihuatuo.evaluate",
 ]
 
 

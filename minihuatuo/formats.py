@@ -1,7 +1,53 @@
-"""Data formats (placeholder: being written). See issue 3."""
+"""Data formats: exam MCQ sets and the official HuatuoGPT-o1 release formats, as JSON or JSONL.
+
+Three kinds of records (paper §2.1, §4.1):
+
+- `MCQItem`: one closed-set exam question. Read from any of the common dataset layouts, detected
+  per item:
+    MedQA-USMLE   {"question", "options": {"A": ..}, "answer_idx": "A", "answer": text}
+    MedMCQA       {"question", "opa", "opb", "opc", "opd", "cop"}   cop: see `read_mcq`
+    PubMedQA      {"question" | "QUESTION", "context" | "CONTEXTS", "final_decision": yes/no/maybe}
+                  -> options A "yes", B "no", C "maybe"
+    MMLU-Pro/GPQA {"question", "options": [..], "answer_index": 0-based int | "answer": letter}
+  A file is a JSON list, JSONL, or a JSON object: {source: [items]} (the official evaluation file)
+  or {id: item} (the PubMedQA release, keyed by PMID). Every item gets a `source` tag (its own
+  "source" field, else the group key, else the caller's default, else the file name) and an `id`
+  (its own "id" field, else the key, else "file:line").
+  MCQs are written in one canonical layout (MedQA style plus "id" and "source").
+- `VerifiableProblem` {"Open-ended Verifiable Question": x, "Ground-True Answer": y*} and
+- `SFTExample` {"Question", "Complex_CoT", "Response"}: the official release formats. They round
+  trip unchanged: unknown fields and the original key order are kept, so files move between this
+  project and the official scripts.
+
+Bad input raises `FormatError` (a ValueError) naming file, line and field. Expensive stages write
+their results through `JsonlAppender`: one JSON line per record, flushed, so a crash loses at most
+the line being written and a rerun can skip what is done.
+"""
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+X_KEY, Y_KEY = "Open-ended Verifiable Question", "Ground-True Answer"  # official field names
+SFT_KEYS = ("Question", "Complex_CoT", "Response")
+
+
+class FormatError(ValueError):
+    """Bad input: the message names the file, the line and (when known) the field."""
+
+    def __init__(self, path, line: int | None, field_name: str | None, message: str):
+        where = f"{path}" + (f": line {line}" if line is not None else "")
+        super().__init__(f"{where}: " + (f"field {field_name!r}: " if field_name else "") + message)
+
+
+# ---------------------------------------------------------------------------------------------------
+# records
 
 
 @dataclass
@@ -19,6 +65,29 @@ class MCQItem:
     def answer(self) -> str:
         return self.options[self.answer_idx]
 
+    @property
+    def context(self) -> str:
+        """PubMedQA's abstract as plain text ("" when the item has none)."""
+        c = self.extra.get("context", self.extra.get("CONTEXTS", ""))
+        if isinstance(c, dict):  # Hugging Face pubmed_qa: {"contexts": [...], "labels": [...], ...}
+            c = c.get("contexts", "")
+        if isinstance(c, list):
+            c = "\n".join(str(s) for s in c)
+        return c if isinstance(c, str) else ""
+
+    def to_record(self) -> dict:
+        """Canonical layout (MedQA style): read back as the same item."""
+        rec = {"id": self.id, "source": self.source, "question": self.question, "options": dict(self.options),
+               "answer_idx": self.answer_idx, "answer": self.answer}
+        for k, v in self.extra.items():
+            rec.setdefault(k, v)
+        return rec
+
+
+def _ordered(values: dict, key_order: tuple[str, ...]) -> dict:
+    order = [k for k in key_order if k in values] + [k for k in values if k not in key_order]
+    return {k: values[k] for k in order}
+
 
 @dataclass
 class VerifiableProblem:
@@ -27,6 +96,10 @@ class VerifiableProblem:
     x: str
     y_star: str
     extra: dict = field(default_factory=dict)
+    key_order: tuple[str, ...] = ()  # the file's key order, so a record is written back unchanged
+
+    def to_record(self) -> dict:
+        return _ordered({X_KEY: self.x, Y_KEY: self.y_star, **self.extra}, self.key_order)
 
 
 @dataclass
@@ -37,3 +110,419 @@ class SFTExample:
     complex_cot: str
     response: str
     extra: dict = field(default_factory=dict)
+    key_order: tuple[str, ...] = ()
+    # the search script's output names the question X_KEY instead (as in the demo data); keep the name
+    question_key: str = "Question"
+
+    def to_record(self) -> dict:
+        values = {self.question_key: self.question, "Complex_CoT": self.complex_cot, "Response": self.response}
+        if not self.complex_cot and self.key_order and "Complex_CoT" not in self.key_order:
+            del values["Complex_CoT"]  # a direct-response record that had no thinking field stays so
+        return _ordered({**values, **self.extra}, self.key_order)
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading files with line numbers
+
+
+@dataclass
+class Record:
+    data: dict
+    line: int  # 1-based line where the record starts
+    key: str | None = None  # {key: item} files: the item's key
+    group: str | None = None  # {group: [items]} files: the group name
+
+
+_WS = re.compile(r"\s*")
+
+
+class _Scanner:
+    """Walks a JSON document with `raw_decode`, so each item of a list knows its line number
+    (json.load alone would lose them, and errors must name the line of the bad item)."""
+
+    def __init__(self, path, text: str):
+        self.path, self.text, self.dec = path, text, json.JSONDecoder()
+        self._pos, self._line = 0, 1
+
+    def line(self, i: int) -> int:  # incremental: scanning forward costs O(file) in total
+        if i < self._pos:
+            self._pos, self._line = 0, 1
+        self._line += self.text.count("\n", self._pos, i)
+        self._pos = i
+        return self._line
+
+    def skip(self, i: int) -> int:
+        return _WS.match(self.text, i).end()
+
+    def value(self, i: int):
+        try:
+            return self.dec.raw_decode(self.text, i)
+        except json.JSONDecodeError as e:
+            raise FormatError(self.path, e.lineno, None, f"invalid JSON ({e.msg}, column {e.colno})") from None
+
+    def expect(self, i: int, chars: str, what: str) -> int:
+        i = self.skip(i)
+        if i >= len(self.text) or self.text[i] not in chars:
+            raise FormatError(self.path, self.line(min(i, len(self.text))), None, f"invalid JSON (expected {what})")
+        return i
+
+    def container(self, i: int, keyed: bool, member) -> int:
+        """Walk the list (or object, `keyed`) opening at i: member(key, start) parses each value and
+        returns where it ends. Returns the index after the closing bracket."""
+        close = "}" if keyed else "]"
+        i = self.skip(i + 1)
+        if self.text.startswith(close, i):
+            return i + 1
+        while True:
+            i, key = self.skip(i), None
+            if keyed:
+                line = self.line(i)
+                key, i = self.value(i)
+                if not isinstance(key, str):
+                    raise FormatError(self.path, line, None, "invalid JSON (expected a key)")
+                i = self.skip(self.expect(i, ":", "':'") + 1)
+            i = self.expect(member(key, i), "," + close, f"',' or '{close}'")
+            if self.text[i] == close:
+                return i + 1
+            i += 1
+
+    def item(self, i: int, out: list, key=None, group=None) -> int:
+        line = self.line(i)
+        obj, end = self.value(i)
+        if not isinstance(obj, dict):
+            hint = " (a file holding one item must be a list)" if key is not None else ""
+            raise FormatError(self.path, line, key, f"expected a JSON object, got {type(obj).__name__}{hint}")
+        out.append(Record(obj, line, key, group))
+        return end
+
+    def document(self) -> list[Record]:
+        """A list of items, {group: [items]} (the official evaluation file) or {key: item} (PubMedQA)."""
+        out: list[Record] = []
+        i = self.skip(0)
+        if i >= len(self.text):
+            return out
+        if self.text[i] == "[":
+            i = self.container(i, False, lambda _, j: self.item(j, out))
+        elif self.text[i] == "{":
+            _, end = self.value(i)  # is the object the whole file? (not JSONL named *.json)
+            if self.skip(end) != len(self.text):
+                i = end
+            else:
+                def member(key, j):
+                    if self.text.startswith("[", j):
+                        return self.container(j, False, lambda _, m: self.item(m, out, group=key))
+                    return self.item(j, out, key=key)
+
+                i = self.container(i, True, member)
+        else:
+            raise FormatError(self.path, self.line(i), None, "expected a JSON list of objects (or JSONL)")
+        if self.skip(i) != len(self.text):
+            raise FormatError(self.path, self.line(self.skip(i)), None, "invalid JSON (extra data after the "
+                              "document; a JSONL file must be named *.jsonl)")
+        return out
+
+
+def _is_jsonl(path: Path, text: str) -> bool:
+    if path.suffix in (".jsonl", ".ndjson"):
+        return True
+    if path.suffix == ".json":
+        return False
+    try:  # unknown suffix: a document that is one JSON value is JSON, several objects are JSONL
+        json.loads(text)
+        return False
+    except json.JSONDecodeError as e:
+        return e.msg == "Extra data"
+
+
+def read_records(path) -> list[Record]:
+    """The objects of a JSON list, a JSONL file or a JSON object of items, with their line numbers."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # tolerates a byte-order mark
+    except UnicodeDecodeError as e:
+        raise FormatError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not _is_jsonl(path, text):
+        return _Scanner(path, text).document()
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FormatError(path, n, None, f"invalid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise FormatError(path, n, None, f"expected a JSON object, got {type(obj).__name__}")
+        out.append(Record(obj, n))
+    return out
+
+
+def _str_field(path, rec: Record, name: str, optional: bool = False):
+    if name not in rec.data:
+        if optional:
+            return None
+        raise FormatError(path, rec.line, name, "missing")
+    v = rec.data[name]
+    if not isinstance(v, str):
+        raise FormatError(path, rec.line, name, f"expected a string, got {type(v).__name__}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------
+# MCQ sets
+
+PUBMEDQA_OPTIONS = {"A": "yes", "B": "no", "C": "maybe"}
+MEDMCQA_KEYS = ("opa", "opb", "opc", "opd")
+
+
+def _letter(path, rec, name, value, options) -> str:
+    if not isinstance(value, str) or value.strip().upper() not in options:
+        raise FormatError(path, rec.line, name, f"expected one of the option letters {', '.join(options)}, "
+                          f"got {value!r}")
+    return value.strip().upper()
+
+
+def _mcq_medqa(path, rec: Record):
+    d = rec.data
+    opts = d["options"]
+    if not opts or not all(isinstance(k, str) and len(k) == 1 and k in LETTERS for k in opts) \
+            or not all(isinstance(v, str) for v in opts.values()):
+        raise FormatError(path, rec.line, "options", "expected an object with letters A.. as keys and strings "
+                          "as values")
+    if "answer_idx" in d:
+        idx = _letter(path, rec, "answer_idx", d["answer_idx"], opts)
+        ans = d.get("answer")
+        if isinstance(ans, str) and ans.strip().casefold() != opts[idx].strip().casefold():
+            raise FormatError(path, rec.line, "answer", f"{ans!r} is not the text of option {idx} ({opts[idx]!r})")
+    elif isinstance(d.get("answer"), str):
+        found = [k for k, v in opts.items() if v.strip().casefold() == d["answer"].strip().casefold()]
+        if len(found) != 1:
+            raise FormatError(path, rec.line, "answer_idx", "missing, and 'answer' is not the text of exactly one "
+                              "option")
+        idx = found[0]
+    else:
+        raise FormatError(path, rec.line, "answer_idx", "missing (MedQA style needs 'answer_idx' or 'answer')")
+    return dict(opts), idx, ("options", "answer_idx", "answer")
+
+
+def _mcq_list(path, rec: Record):
+    d = rec.data
+    opts_list = d["options"]
+    if not 1 <= len(opts_list) <= len(LETTERS) or not all(isinstance(v, str) for v in opts_list):
+        raise FormatError(path, rec.line, "options", f"expected a list of 1 to {len(LETTERS)} strings")
+    opts = dict(zip(LETTERS, opts_list))
+    idx = None
+    if "answer_index" in d:
+        i = d["answer_index"]
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(opts_list):
+            raise FormatError(path, rec.line, "answer_index",
+                              f"expected an integer in 0..{len(opts_list) - 1}, got {i!r}")
+        idx = LETTERS[i]
+    if "answer" in d:
+        letter = _letter(path, rec, "answer", d["answer"], opts)
+        if idx is not None and letter != idx:
+            raise FormatError(path, rec.line, "answer", f"{letter!r} disagrees with answer_index {d['answer_index']}")
+        idx = letter
+    if idx is None:
+        raise FormatError(path, rec.line, "answer_index",
+                          "missing (a list of options needs 'answer_index' or 'answer')")
+    return opts, idx, ("options", "answer_index", "answer")
+
+
+def _cop_value(path, rec: Record) -> int:
+    v = rec.data.get("cop")
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise FormatError(path, rec.line, "cop", f"missing or not an integer (got {v!r})")
+    if v < 0:
+        raise FormatError(path, rec.line, "cop", f"{v}: no answer key (the MedMCQA test split is unlabeled)")
+    return v
+
+
+def _mcq_medmcqa(path, rec: Record, cop_base: int):
+    opts = {}
+    for letter, key in zip(LETTERS, MEDMCQA_KEYS):
+        v = rec.data.get(key)
+        if not isinstance(v, str):
+            raise FormatError(path, rec.line, key, "missing or not a string")
+        opts[letter] = v
+    cop = _cop_value(path, rec)
+    if not 0 <= cop - cop_base < 4:
+        raise FormatError(path, rec.line, "cop", f"{cop} is out of range for {cop_base}-based option numbers")
+    return opts, LETTERS[cop - cop_base], MEDMCQA_KEYS + ("cop",)
+
+
+def _mcq_pubmedqa(path, rec: Record):
+    v = rec.data["final_decision"]
+    if not isinstance(v, str) or v.strip().lower() not in PUBMEDQA_OPTIONS.values():
+        raise FormatError(path, rec.line, "final_decision", f"expected 'yes', 'no' or 'maybe', got {v!r}")
+    idx = {t: k for k, t in PUBMEDQA_OPTIONS.items()}[v.strip().lower()]
+    return dict(PUBMEDQA_OPTIONS), idx, ("final_decision",)
+
+
+def detect_cop_base(path, records: list[Record]) -> int:
+    """MedMCQA's `cop` is 1-based (1..4 = a..d) in the released JSON files (github.com/medmcqa, the
+    files most loaders read as `cop - 1`) but 0-based (a ClassLabel 0..3) in the Hugging Face
+    `medmcqa` copy. A file's values tell which: a 0 means 0-based, a 4 means 1-based."""
+    values = {_cop_value(path, r) for r in records if "opa" in r.data}
+    if 0 in values and 4 in values:
+        raise FormatError(path, None, "cop", "values include both 0 and 4, so the option numbering is neither "
+                          "0- nor 1-based; fix the file or pass cop_base")
+    if 0 in values:
+        return 0
+    if values and 4 not in values:
+        warnings.warn(f"{path}: MedMCQA 'cop' values are all in 1..3, so their base cannot be told; assuming "
+                      "1-based (the released JSON files). Pass cop_base=0 (--cop-base 0) for the Hugging Face copy.",
+                      stacklevel=3)
+    return 1
+
+
+def mcq_from_record(path, rec: Record, source: str | None = None, cop_base: int = 1) -> MCQItem:
+    d = rec.data
+    if "options" in d:
+        if isinstance(d["options"], dict):
+            opts, idx, used = _mcq_medqa(path, rec)
+        elif isinstance(d["options"], list):
+            opts, idx, used = _mcq_list(path, rec)
+        else:
+            raise FormatError(path, rec.line, "options", "expected an object with letters A.. as keys, or a list")
+    elif "opa" in d:
+        opts, idx, used = _mcq_medmcqa(path, rec, cop_base)
+    elif "final_decision" in d:
+        opts, idx, used = _mcq_pubmedqa(path, rec)
+    else:
+        raise FormatError(path, rec.line, "options", "missing: not an MCQ in a known layout (expected 'options' "
+                          "(MedQA, MMLU-Pro, GPQA), 'opa'..'opd' (MedMCQA) or 'final_decision' (PubMedQA))")
+    qkey = "question" if "question" in d or "QUESTION" not in d else "QUESTION"
+    question = _str_field(path, rec, qkey)
+    item_id = d.get("id", rec.key if rec.key is not None else f"{Path(path).name}:{rec.line}")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool):
+        raise FormatError(path, rec.line, "id", f"expected a string or an integer, got {type(item_id).__name__}")
+    src = d.get("source", rec.group if rec.group is not None else source or Path(path).stem)
+    if not isinstance(src, str):
+        raise FormatError(path, rec.line, "source", f"expected a string, got {type(src).__name__}")
+    consumed = set(used) | {qkey, "id", "source"}
+    extra = {k: v for k, v in d.items() if k not in consumed}
+    return MCQItem(str(item_id), question, opts, idx, src, extra)
+
+
+def read_mcq(path, source: str | None = None, cop_base: int | None = None) -> list[MCQItem]:
+    """MCQ items of a file; layouts are detected per item (module docstring). `source` is the tag of
+    items that carry none; `cop_base` (0 or 1) the numbering of MedMCQA's `cop`, detected from the
+    file's values when None (see `detect_cop_base`). Ids must be unique within the file."""
+    records = read_records(path)
+    if cop_base is None:
+        cop_base = detect_cop_base(path, records)
+    elif cop_base not in (0, 1):
+        raise ValueError(f"cop_base must be 0 or 1, got {cop_base!r}")
+    items, seen = [], {}
+    for rec in records:
+        item = mcq_from_record(path, rec, source, cop_base)
+        if item.id in seen:
+            raise FormatError(path, rec.line, "id", f"duplicate id {item.id!r} (first at line {seen[item.id]})")
+        seen[item.id] = rec.line
+        items.append(item)
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------
+# official release formats
+
+
+def problem_from_record(path, rec: Record) -> VerifiableProblem:
+    x, y = _str_field(path, rec, X_KEY), _str_field(path, rec, Y_KEY)
+    extra = {k: v for k, v in rec.data.items() if k not in (X_KEY, Y_KEY)}
+    return VerifiableProblem(x, y, extra, tuple(rec.data))
+
+
+def sft_from_record(path, rec: Record) -> SFTExample:
+    """The question is "Question" (the released SFT data) or, when that is absent, the verifiable
+    problem's X_KEY (the search script's output, e.g. the demo data). Complex_CoT may be absent
+    (direct-response data for the ablation of paper Table 2)."""
+    qkey = "Question" if "Question" in rec.data or X_KEY not in rec.data else X_KEY
+    q, r = _str_field(path, rec, qkey), _str_field(path, rec, "Response")
+    cot = _str_field(path, rec, "Complex_CoT", optional=True) or ""
+    extra = {k: v for k, v in rec.data.items() if k not in SFT_KEYS and k != qkey}
+    return SFTExample(q, cot, r, extra, tuple(rec.data), qkey)
+
+
+def read_problems(path) -> list[VerifiableProblem]:
+    return [problem_from_record(path, r) for r in read_records(path)]
+
+
+def read_sft(path) -> list[SFTExample]:
+    return [sft_from_record(path, r) for r in read_records(path)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+def write_records(path, records: list[dict]) -> None:
+    """JSONL for *.jsonl / *.ndjson, else a JSON list (indented). Written to a temporary file and
+    renamed, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        if path.suffix in (".jsonl", ".ndjson"):
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        else:
+            json.dump(records, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_mcq(path, items: list[MCQItem]) -> None:
+    write_records(path, [it.to_record() for it in items])
+
+
+def write_problems(path, problems: list[VerifiableProblem]) -> None:
+    write_records(path, [p.to_record() for p in problems])
+
+
+def write_sft(path, examples: list[SFTExample]) -> None:
+    write_records(path, [e.to_record() for e in examples])
+
+
+class JsonlAppender:
+    """Append-only JSONL output for expensive stages: one line per record, flushed at once.
+
+        with JsonlAppender(path) as out:
+            for r in work_not_done_yet:
+                out.write(r)
+
+    A line cut short by a crash (no final newline) is removed on open, with a note on stderr:
+    it is a record that was never completely written, and the rerun redoes it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_line()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _drop_partial_line(self):
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                f.truncate(keep)
+                print(f"{self.path}: removed an incomplete last line ({len(data) - keep} bytes) left by an "
+                      "interrupted run", file=sys.stderr)
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

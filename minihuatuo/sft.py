@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_dir, load_model, read_json, write_model_files
 from .config import add_config_args, build_config
-from .sft_data import IGNORE, Batch, collate_packed, collate_padded, prepare, read_sft_file
+from .formats import read_sft
+from .sft_data import IGNORE, Batch, collate_packed, collate_padded, prepare
 from .tokenizer import Tokenizer
 
 
@@ -229,8 +230,8 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
     d = init_distributed()
     out = Path(out_dir)
     tokenizer = Tokenizer.from_dir(model_dir)
-    data = prepare(read_sft_file(data_path), tokenizer, cfg.max_length, cfg.overlong)
-    held_out = prepare(read_sft_file(eval_path), tokenizer, cfg.max_length, cfg.overlong) if eval_path else []
+    data = prepare(read_sft(data_path), tokenizer, cfg.max_length, cfg.overlong)
+    held_out = prepare(read_sft(eval_path), tokenizer, cfg.max_length, cfg.overlong) if eval_path else []
     if not data:
         raise ValueError(f"{data_path}: no usable SFT example")
     base = load_model(model_dir, dtype=torch.float32, device=d.device)

@@ -13,10 +13,8 @@ Labels are stored already shifted: labels[b, t] is the token that position t mus
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -29,34 +27,6 @@ def target_text(ex: SFTExample) -> str:
     if ex.complex_cot:
         return f"## Thinking\n\n{ex.complex_cot}\n\n## Final Response\n\n{ex.response}"
     return ex.response  # direct-response ablation: no thinking part
-
-
-def read_sft_file(path) -> list[SFTExample]:
-    """Official SFT format, JSON list or JSONL: {"Question", "Complex_CoT", "Response"} (Complex_CoT
-    may be absent or empty for direct-response data)."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
-    else:
-        rows = list(enumerate(json.loads(text), 1))  # "line" = item number in a JSON list
-    out = []
-    for i, row in rows:
-        for field in ("Question", "Response"):
-            if not isinstance(row.get(field), str):
-                raise ValueError(f"{path}: line {i}: field {field!r} missing or not a string")
-        cot = row.get("Complex_CoT") or ""
-        if not isinstance(cot, str):
-            raise ValueError(f"{path}: line {i}: field 'Complex_CoT' is not a string")
-        extra = {k: v for k, v in row.items() if k not in ("Question", "Complex_CoT", "Response")}
-        out.append(SFTExample(row["Question"], cot, row["Response"], extra))
-    return out
 
 
 @dataclass

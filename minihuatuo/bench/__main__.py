@@ -1,7 +1,9 @@
 """python -m minihuatuo.bench generate [options]   (see --help of each benchmark)"""
 import sys
 
-BENCHMARKS = {"generate": "minihuatuo.bench.generate"}
+BENCHMARKS = {"generate": "minihuatuo.bench.generate",
+              "sft": "minihuatuo.bench.sft",
+              "decontam": "minihuatuo.bench.decontam"}
 
 
 def main(argv=None) -> int:
