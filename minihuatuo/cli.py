@@ -115,9 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 STAGE_MODULES: list[str] = [
+    "minihuatuo.reward",
     "minihuatuo.sft",
     "minihuatuo.serve",
     "minihuatuo.evaluate",
+    "minihuatuo.ppo_train",
 ]
 
 

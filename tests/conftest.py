@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,28 @@ def tiny_checkpoint(tmp_path):
             if p.dim() == 2:
                 p.mul_(5.0)
     return save_model(model, tmp_path / "ckpt", copy_files_from=tok_dir)
+
+
+COLORS = ["red", "green", "blue", "black"]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A tiny model SFT-ed on the think-then-answer format with a uniformly random color as answer;
+    the verifiable problems want "red". Starting accuracy is ~1/4 of well-formed answers."""
+    from minihuatuo.checkpoint import save_model
+    from minihuatuo.model import build_model, preset
+    from minihuatuo.sft import SFTConfig, train
+
+    root = tmp_path_factory.mktemp("toy")
+    tok = write_plain_tokenizer(root / "tok")
+    save_model(build_model(preset("tiny", vocab_size=320), seed=0), root / "base", copy_files_from=tok)
+    rng = random.Random(0)
+    rows = [{"Question": f"Say {c}.", "Complex_CoT": "ok", "Response": rng.choice(COLORS)}
+            for c in COLORS for _ in range(16)]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    train(SFTConfig(epochs=40, lr=3e-3, global_batch_size=16, micro_batch_size=16, max_length=128,
+                    warmup_ratio=0.0, weight_decay=0.0), root / "base", root / "sft.jsonl", root / "sft")
+    probs = [{"Open-ended Verifiable Question": f"Say {c}.", "Ground-True Answer": "red"} for c in COLORS]
+    (root / "problems.json").write_text(json.dumps(probs))
+    return root
