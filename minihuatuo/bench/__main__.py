@@ -3,6 +3,7 @@ import sys
 
 BENCHMARKS = {"generate": "minihuatuo.bench.generate",
               "sft": "minihuatuo.bench.sft",
+              "ppo": "minihuatuo.bench.ppo",
               "decontam": "minihuatuo.bench.decontam"}
 
 
