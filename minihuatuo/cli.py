@@ -120,6 +120,7 @@ STAGE_MODULES: list[str] = [
     "minihuatuo.serve",
     "minihuatuo.evaluate",
     "minihuatuo.ppo_train",
+    "minihuatuo.problems",
 ]
 
 
