@@ -121,6 +121,7 @@ STAGE_MODULES: list[str] = [
     "minihuatuo.evaluate",
     "minihuatuo.ppo_train",
     "minihuatuo.problems",
+    "minihuatuo.search_cli",
 ]
 
 
