@@ -120,6 +120,9 @@ STAGE_MODULES: list[str] = [
     "minihuatuo.serve",
     "minihuatuo.evaluate",
     "minihuatuo.ppo_train",
+    "minihuatuo.rloo",
+    "minihuatuo.grpo",
+    "minihuatuo.dpo",
     "minihuatuo.problems",
     "minihuatuo.search_cli",
 ]

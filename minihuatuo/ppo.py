@@ -81,7 +81,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, stats=
     m = mask.to(x.dtype)
     s, ss, n = stats if stats is not None else ((x * m).sum(), (x * x * m).sum(), m.sum())
     mean = s / n
-    var = (ss / n - mean * mean) * n / (n - 1)
+    var = (ss / n - mean * mean) * n / (n - 1).clamp(min=1)  # unbiased; a single token has variance 0
     return (x - mean) * torch.rsqrt(var + eps) * m
 
 

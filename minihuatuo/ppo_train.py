@@ -269,7 +269,7 @@ def load(path, ac, optimizer) -> dict:
     for key, v in load_file(path / "optimizer.safetensors").items():
         name, k = key.rsplit(".", 1)
         opt_state.setdefault(name, {})[k] = v
-    opts = StateDictOptions(full_state_dict=True, strict=False)
+    opts = StateDictOptions(full_state_dict=True)
     set_model_state_dict(ac, weights, options=opts)
     set_optimizer_state_dict(ac, optimizer, {"state": opt_state, "param_groups": state["param_groups"]},
                              options=opts)
