@@ -19,7 +19,6 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ from .checkpoint import load_model
 from .config import add_config_args, build_config
 from .formats import X_KEY, Y_KEY, FormatError, JsonlAppender, read_problems, read_records
 from .ppo import learning_rate
-from .ppo_train import encode_prompt, in_chunks
+from .ppo_train import add_verifier_args, encode_prompt, in_chunks, verifier_from_args
 from .reward import RewardConfig, rewards
 from .rl import Rollout, masks_from_last, response_logprobs, rollout
 from .sample import left_pad
@@ -294,12 +293,8 @@ def train(cfg: DPOConfig, policy_dir, data_path, out_dir, verifier, pairs_path=N
 
 
 def cmd_dpo(args) -> int:
-    from .reward import build_verifier
-
     cfg = build_config(DPOConfig, PRESETS, args.preset, args.config, args)
-    vargs = SimpleNamespace(aliases=args.aliases, model=args.verifier_model, threshold=args.verifier_threshold,
-                            classifier_template=None, device=args.verifier_device)
-    stats, history = train(cfg, args.policy, args.data, args.out, build_verifier(args.verifier, vargs),
+    stats, history = train(cfg, args.policy, args.data, args.out, verifier_from_args(args),
                            pairs_path=args.pairs, resume=args.resume, pairs_only=args.pairs_only,
                            max_steps=args.max_steps)
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -319,11 +314,7 @@ def add_cli(sub) -> None:
                    help="the pairs file (JSONL, appended to and resumed); default OUT/pairs.jsonl")
     p.add_argument("--pairs-only", action="store_true", help="build the pairs file and stop (run it in one process "
                                                              "before a torchrun training)")
-    p.add_argument("--verifier", default="rule", choices=["exact", "rule", "classifier"])
-    p.add_argument("--verifier-model", default=None, help="classifier verifier checkpoint")
-    p.add_argument("--verifier-threshold", type=float, default=0.4)
-    p.add_argument("--verifier-device", default="cpu")
-    p.add_argument("--aliases", action="append", default=[], help="extra alias file for the rule verifier")
+    add_verifier_args(p)
     p.add_argument("--preset", default="paper", choices=list(PRESETS))
     p.add_argument("--resume", action="store_true", help="continue training from the latest checkpoint-S/")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all)")

@@ -317,13 +317,26 @@ def train(cfg: PPOConfig, policy_dir, data_path, out_dir, verifier, value_dir=No
     return history
 
 
-def cmd_ppo(args) -> int:
+def add_verifier_args(p) -> None:
+    """The reward's verifier, shared by the ppo, rloo, grpo and dpo commands."""
+    p.add_argument("--verifier", default="rule", choices=["exact", "rule", "classifier"])
+    p.add_argument("--verifier-model", default=None, help="classifier verifier checkpoint")
+    p.add_argument("--verifier-threshold", type=float, default=0.4)
+    p.add_argument("--verifier-device", default="cpu")
+    p.add_argument("--aliases", action="append", default=[], help="extra alias file for the rule verifier")
+
+
+def verifier_from_args(args):
     from .reward import build_verifier
 
-    cfg = build_config(PPOConfig, PRESETS, args.preset, args.config, args)
     vargs = SimpleNamespace(aliases=args.aliases, model=args.verifier_model, threshold=args.verifier_threshold,
                             classifier_template=None, device=args.verifier_device)
-    verifier = build_verifier(args.verifier, vargs)
+    return build_verifier(args.verifier, vargs)
+
+
+def cmd_ppo(args) -> int:
+    cfg = build_config(PPOConfig, PRESETS, args.preset, args.config, args)
+    verifier = verifier_from_args(args)
     history = train(cfg, args.policy, args.data, args.out, verifier, value_dir=args.value_model,
                     resume=args.resume, max_updates=args.max_updates)
     if history and (not dist.is_initialized() or dist.get_rank() == 0):
@@ -340,11 +353,7 @@ def add_cli(sub) -> None:
     p.add_argument("--out", required=True, help="output directory: checkpoint-U/, final/policy, metrics.jsonl")
     p.add_argument("--value-model", default=None, help="critic start: a causal LM (new value head) or a 1-label "
                                                         "classifier checkpoint; default: the policy's weights")
-    p.add_argument("--verifier", default="rule", choices=["exact", "rule", "classifier"])
-    p.add_argument("--verifier-model", default=None, help="classifier verifier checkpoint")
-    p.add_argument("--verifier-threshold", type=float, default=0.4)
-    p.add_argument("--verifier-device", default="cpu")
-    p.add_argument("--aliases", action="append", default=[], help="extra alias file for the rule verifier")
+    add_verifier_args(p)
     p.add_argument("--preset", default="official", choices=list(PRESETS))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-updates", type=int, default=0, help="stop after this many updates (0 = all)")

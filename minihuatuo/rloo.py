@@ -24,7 +24,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,8 @@ from .checkpoint import load_model
 from .config import add_config_args, build_config
 from .formats import read_problems
 from .ppo import learning_rate, masked_mean
-from .ppo_train import encode_prompt, in_chunks, score_rollout, select, update_prompts
+from .ppo_train import (add_verifier_args, encode_prompt, in_chunks, score_rollout, select, update_prompts,
+                         verifier_from_args)
 from .reward import RewardConfig
 from .rl import response_logprobs, rollout
 from .sft import Dist, all_sum, init_distributed, latest_checkpoint, load_checkpoint, no_grad_sync, save_checkpoint
@@ -235,12 +235,8 @@ def train(cfg: RLOOConfig, policy_dir, data_path, out_dir, verifier, resume=Fals
 
 
 def cmd_rloo(args) -> int:
-    from .reward import build_verifier
-
     cfg = build_config(RLOOConfig, PRESETS, args.preset, args.config, args)
-    vargs = SimpleNamespace(aliases=args.aliases, model=args.verifier_model, threshold=args.verifier_threshold,
-                            classifier_template=None, device=args.verifier_device)
-    history = train(cfg, args.policy, args.data, args.out, build_verifier(args.verifier, vargs), resume=args.resume,
+    history = train(cfg, args.policy, args.data, args.out, verifier_from_args(args), resume=args.resume,
                     max_updates=args.max_updates)
     if history and (not dist.is_initialized() or dist.get_rank() == 0):
         print(json.dumps({"out": str(Path(args.out) / "final"), **history[-1]}))
@@ -255,11 +251,7 @@ def add_cli(sub) -> None:
     p.add_argument("--data", required=True,
                    help="verifiable problems (Open-ended Verifiable Question, Ground-True Answer)")
     p.add_argument("--out", required=True, help="output directory: checkpoint-U/, final/ (the policy), metrics.jsonl")
-    p.add_argument("--verifier", default="rule", choices=["exact", "rule", "classifier"])
-    p.add_argument("--verifier-model", default=None, help="classifier verifier checkpoint")
-    p.add_argument("--verifier-threshold", type=float, default=0.4)
-    p.add_argument("--verifier-device", default="cpu")
-    p.add_argument("--aliases", action="append", default=[], help="extra alias file for the rule verifier")
+    add_verifier_args(p)
     p.add_argument("--preset", default="official", choices=list(PRESETS))
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-updates", type=int, default=0, help="stop after this many updates (0 = all)")
