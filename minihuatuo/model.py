@@ -314,6 +314,10 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(cache_start, cache_start + T, device=device).expand(B, T)
         mask, is_causal = attention_mask_for(attention_mask, T, cache_start, device)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        if mask is not None:
+            # as an additive 0 / −inf mask: SDPA's CPU kernels run ~2x faster with it than with a
+            # boolean one (decoding a left-padded batch); the probabilities are identical
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=device).masked_fill_(~mask, float("-inf"))
         cos, sin = rope_cos_sin(self.inv_freq(device), position_ids, x.dtype)
         for layer in self.model.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
