@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import kernels
+
 
 @dataclass
 class ModelConfig:
@@ -120,8 +122,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_kernels = False  # set through Transformer.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            return kernels.rms_norm(x, self.weight, self.eps)
         # F.rms_norm without a weight is exactly x32 * rsqrt(mean(x32²) + eps), in one fused op
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -177,13 +182,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=cfg.o_bias)
+        self.use_kernels = False  # set through Transformer.use_kernels
 
     def forward(self, x, cos, sin, mask, is_causal, cache, cache_start):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_kernels:  # the fused kernel works in the projections' (B, T, nh, D) layout
+            q, k = kernels.rope_qk(q.transpose(1, 2), k.transpose(1, 2), cos[:, 0], sin[:, 0])
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, cache_start, k, v)  # (B, K, S, D): every key so far
         # enable_gqa lets each of the K key/value heads serve H/K query heads without copying them
@@ -201,8 +211,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, Fw, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(C, Fw, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(Fw, C, bias=cfg.mlp_bias)
+        self.use_kernels = False  # set through Transformer.use_kernels
 
     def forward(self, x):
+        if self.use_kernels:
+            return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -281,7 +294,21 @@ class Transformer(nn.Module):
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False) if cfg.num_labels else None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE frequencies per device, kept fp32
         self.activation_checkpointing = False  # a training switch, set from outside (sft.py / ppo.py)
+        self._use_kernels = False
         self.reset_parameters()
+
+    @property
+    def use_kernels(self) -> bool:
+        """Fused kernels (minihuatuo/kernels.py) for RMSNorm, SwiGLU and RoPE: a switch set from outside,
+        off by default. Same results as the reference within the tolerances of tests/test_kernels.py."""
+        return self._use_kernels
+
+    @use_kernels.setter
+    def use_kernels(self, on: bool) -> None:
+        self._use_kernels = bool(on)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.use_kernels = self._use_kernels
 
     def reset_parameters(self):
         """N(0, initializer_range) for matrices, zeros for biases, ones for norms (HF's init)."""
@@ -328,16 +355,23 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, cache_start=0,
-                last_only=False, logits_at=None):
+                last_only=False, logits_at=None, head=None):
         """LM logits (B, T, V); or (B, 1, V) for the last position only (decoding); or (N, V) for the N
         positions where the (B, T) bool mask `logits_at` is True (training: only target positions).
         The LM head is the largest matrix of a small model and its output the largest activation, so
-        we never compute it for positions nobody samples from or scores."""
+        we never compute it for positions nobody samples from or scores.
+
+        `head`, a function (h (N, C), lm_head.weight (V, C)) -> anything, replaces the LM head's matmul:
+        the fused LM-head losses of kernels.py (linear_cross_entropy for SFT,
+        token_logprobs_and_entropy for PPO), which never hold the (N, V) logits. Passing them through
+        forward keeps DDP / FSDP hooks around the whole computation."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_start)
         if last_only:
             h = h[:, -1:]
         elif logits_at is not None:
             h = h[logits_at]  # (N, C)
+        if head is not None:
+            return head(h, self.lm_head.weight)
         return self.lm_head(h)
 
     def values(self, input_ids, attention_mask=None, position_ids=None):

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_dir, load_model, read_json, write_model_files
 from .config import add_config_args, build_config
+from .kernels import linear_cross_entropy
 from .formats import read_sft
 from .sft_data import IGNORE, Batch, collate_packed, collate_padded, prepare
 from .tokenizer import Tokenizer
@@ -61,6 +62,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0  # global gradient-norm clipping; 0 = off
     bf16: bool = True  # bf16 autocast on GPU (fp32 master weights); ignored on CPU
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    kernels: bool = False  # fused kernels (notes/kernels.md): RMSNorm/SwiGLU/RoPE + chunked LM head & loss
     distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2"
     seed: int = 42  # data order (and nothing else is random: no dropout)
     max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs)
@@ -99,9 +101,15 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def token_nll_sum(model, batch: Batch):
-    """Σ −log π(label) over positions with a label, and their count. The LM head runs only there."""
+def token_nll_sum(model, batch: Batch, kernels: bool = False):
+    """Σ −log π(label) over positions with a label, and their count. The LM head runs only there;
+    with `kernels`, fused with the loss and chunked over tokens, so the (N, V) logits never exist."""
     has_label = batch.labels != IGNORE  # (B, T)
+    if kernels:
+        labels = batch.labels[has_label]  # (N,)
+        nll = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    logits_at=has_label, head=lambda h, w: linear_cross_entropy(h, w, labels))
+        return nll, has_label.sum()
     logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                    logits_at=has_label)  # (N, V)
     return F.cross_entropy(logits.float(), batch.labels[has_label], reduction="sum"), has_label.sum()
@@ -236,6 +244,7 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
         raise ValueError(f"{data_path}: no usable SFT example")
     base = load_model(model_dir, dtype=torch.float32, device=d.device)
     base.activation_checkpointing = cfg.activation_checkpointing
+    base.use_kernels = cfg.kernels
     model = wrap_model(base.train(), cfg, d)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
@@ -272,7 +281,7 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
             nll_sum = torch.zeros((), device=d.device)
             for j, items in enumerate(micro):
                 with no_grad_sync(model, j == len(micro) - 1), autocast:
-                    nll, _ = token_nll_sum(model, collate(items).to(d.device))
+                    nll, _ = token_nll_sum(model, collate(items).to(d.device), cfg.kernels)
                     (nll * weight * d.world / n_tokens).backward()
                 nll_sum += nll.detach() * weight
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -288,7 +297,7 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
             last = {"step": state["step"], "epoch": state["epoch"], "loss": loss, "lr": lr,
                     "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tokens / dt}
             if held_out and cfg.eval_every and state["step"] % cfg.eval_every == 0:
-                last["eval_loss"] = eval_loss(model, held_out, collate, cfg.micro_batch_size, d)
+                last["eval_loss"] = eval_loss(model, held_out, collate, cfg.micro_batch_size, d, cfg.kernels)
             if d.main:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
                 bar.update(1)
@@ -301,7 +310,7 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     bar.close()
     if held_out:
-        last["eval_loss"] = eval_loss(model, held_out, collate, cfg.micro_batch_size, d)
+        last["eval_loss"] = eval_loss(model, held_out, collate, cfg.micro_batch_size, d, cfg.kernels)
         if d.main:
             metrics_file.write(json.dumps({"step": state["step"], "eval_loss": last["eval_loss"]}) + "\n")
     save_checkpoint(out / "final", model, optimizer, state, cfg, model_dir, d)
@@ -311,13 +320,13 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
 
 
 @torch.no_grad()
-def eval_loss(model, items, collate, micro_batch_size: int, d: Dist) -> float:
+def eval_loss(model, items, collate, micro_batch_size: int, d: Dist, kernels: bool = False) -> float:
     """Mean target-token NLL over a held-out set (each rank a strided share, summed over ranks)."""
     model.eval()
     total = torch.zeros(2, device=d.device)
     mine = items[d.rank::d.world]
     for i in range(0, len(mine), micro_batch_size):
-        nll, n = token_nll_sum(model, collate(mine[i:i + micro_batch_size]).to(d.device))
+        nll, n = token_nll_sum(model, collate(mine[i:i + micro_batch_size]).to(d.device), kernels)
         total += torch.stack([nll, n.float()])
     model.train()
     total = all_sum(total, d)

@@ -4,7 +4,8 @@ import sys
 BENCHMARKS = {"generate": "minihuatuo.bench.generate",
               "sft": "minihuatuo.bench.sft",
               "ppo": "minihuatuo.bench.ppo",
-              "decontam": "minihuatuo.bench.decontam"}
+              "decontam": "minihuatuo.bench.decontam",
+              "kernels": "minihuatuo.bench.kernels"}
 
 
 def main(argv=None) -> int:
