@@ -48,6 +48,7 @@ class PPOConfig:
     missing_stop_penalty: float = 0.0  # subtracted from the score of a response without a stop token (0 = off)
     whiten_scope: str = "rank"  # advantage whitening statistics: "rank" (official) or "global"
     entropy_coef: float = 0.0  # no entropy bonus unless configured
+    kernels: bool = False  # fused kernels (kernels.py): RMSNorm/SwiGLU/RoPE and the LM head fused with log-prob + entropy
     max_grad_norm: float = 1.0  # global norm over policy + critic (checklist 32)
     adam_eps: float = 1e-8
     value_head: str = "separate"  # "separate" critic network (official) or "shared" (a head on the policy trunk)
@@ -159,11 +160,20 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, ids, mask, positions, at):
-        """Logits (N, V) and values (N,) at the N positions where `at` (B, T) is True."""
-        h = self.policy.hidden_states(ids, attention_mask=mask, position_ids=positions)
-        logits = self.policy.lm_head(h[at])
+    def forward(self, ids, mask, positions, at, actions, temperature: float, fused: bool = False):
+        """log π(a) (N,), entropy (N,) of softmax(z / T), and values (N,) at the N positions where `at`
+        (B, T) is True; actions (N,) are the tokens taken there. fused: the LM head and the log-softmax
+        run as one chunked kernel that never holds the (N, V) logits (kernels.py)."""
+        h = self.policy.hidden_states(ids, attention_mask=mask, position_ids=positions)[at]  # (N, C)
+        if fused:
+            from . import kernels
+
+            logp, entropy = kernels.token_logprobs_and_entropy(h, self.policy.lm_head.weight, actions, temperature)
+        else:
+            logp_all = torch.log_softmax(self.policy.lm_head(h).float() / temperature, -1)  # (N, V)
+            logp = logp_all.gather(-1, actions[:, None]).squeeze(-1)
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
         if self.critic is None:
-            return logits, self.policy.score(h[at]).squeeze(-1)
+            return logp, entropy, self.policy.score(h).squeeze(-1)
         hv = self.critic.hidden_states(ids, attention_mask=mask, position_ids=positions)
-        return logits, self.critic.score(hv[at]).squeeze(-1)
+        return logp, entropy, self.critic.score(hv[at]).squeeze(-1)

@@ -163,11 +163,9 @@ def learn(u: int, cfg: PPOConfig, ac, optimizer, exp: Experience) -> dict[str, l
                 ids, mask, pos = forward_inputs(sub.ro)
                 R = sub.ro.response.shape[1]
                 with no_grad_sync(ac, j == len(micro) - 1):
-                    logits, vpred = ac(ids, mask, pos, response_positions(sub.ro))
-                    logp_all = torch.log_softmax(logits.float() / cfg.temperature, -1)  # (N, V)
-                    new_lp = logp_all.gather(-1, sub.ro.response.reshape(-1, 1)).view(len(c), R)
-                    entropy = -(logp_all.exp() * logp_all).sum(-1).view(len(c), R)
-                    vpred = vpred.view(len(c), R)
+                    new_lp, entropy, vpred = (x.view(len(c), R) for x in ac(
+                        ids, mask, pos, response_positions(sub.ro), sub.ro.response.reshape(-1), cfg.temperature,
+                        cfg.kernels))
                     pl, pclip = policy_loss(new_lp, sub.ro.logprobs, sub.advantages, sub.ro.policy_mask, cfg.clip)
                     vl, vclip = value_loss(vpred, sub.old_values, sub.returns, sub.ro.value_mask, cfg.clip_value)
                     seq_loss = pl + cfg.vf_coef * vl
@@ -225,7 +223,7 @@ def diagnostics(exp: Experience, logs: dict, reward_cfg: RewardConfig, d: Dist) 
 @torch.no_grad()
 def _values(base: ActorCritic, ro: Rollout) -> torch.Tensor:
     ids, mask, pos = forward_inputs(ro)
-    _, v = base(ids, mask, pos, response_positions(ro))
+    _, _, v = base(ids, mask, pos, response_positions(ro), ro.response.reshape(-1), 1.0)
     return v.view(ro.response.shape)
 
 
@@ -285,6 +283,9 @@ def train(cfg: PPOConfig, policy_dir, data_path, out_dir, verifier, value_dir=No
     tokenizer = Tokenizer.from_dir(policy_dir)
     items = read_problems(data_path)
     ac, ref = build_models(cfg, policy_dir, value_dir, d.device)
+    for model in (ac.policy, ac.critic, ref):
+        if model is not None:
+            model.use_kernels = cfg.kernels  # RMSNorm / SwiGLU / RoPE kernels (the LM head: ActorCritic)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel
         ac = DistributedDataParallel(ac, device_ids=[d.device.index] if d.device.type == "cuda" else None)
