@@ -124,6 +124,7 @@ STAGE_MODULES: list[str] = [
     "minihuatuo.grpo",
     "minihuatuo.dpo",
     "minihuatuo.problems",
+    "minihuatuo.world_pretrain",
     "minihuatuo.search_cli",
 ]
 
