@@ -126,6 +126,7 @@ STAGE_MODULES: list[str] = [
     "minihuatuo.problems",
     "minihuatuo.world_pretrain",
     "minihuatuo.search_cli",
+    "minihuatuo.demo",
 ]
 
 

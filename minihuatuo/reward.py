@@ -43,6 +43,9 @@ class RewardConfig:
     correct: float = 1.0  # Verifier(ŷ, y*) = True
     incorrect: float = 0.1  # Verifier(ŷ, y*) = False: still above a format failure
     no_format: float = 0.0  # ŷ = null: no think-then-answer structure
+    # False only for the "direct response" ablation of paper Table 3 (its SFT data has no thinking
+    # part): ŷ is then the text after "## Final Response" if there is one, else the whole output
+    require_thinking: bool = True
 
 
 def extract_final_response(text: str) -> str | None:
@@ -68,7 +71,8 @@ def rewards(outputs: list[str], y_stars: list[str], verifier, cfg: RewardConfig 
     """r' for a batch; the verifier sees only the well-formed final responses, in one batch."""
     if len(outputs) != len(y_stars):
         raise ValueError(f"{len(outputs)} outputs but {len(y_stars)} references")
-    finals = [extract_final_response(o) for o in outputs]
+    finals = [extract_final_response(o) if cfg.require_thinking else (o.split(FINAL)[-1].strip() or None)
+              for o in outputs]
     todo = [i for i, f in enumerate(finals) if f is not None]
     verdicts = dict(zip(todo, verifier.verify_batch([(finals[i], y_stars[i]) for i in todo])))
     return [cfg.no_format if f is None else cfg.correct if verdicts[i] else cfg.incorrect

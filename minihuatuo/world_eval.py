@@ -1,7 +1,7 @@
 """Held-out accuracy of a checkpoint on the clinical world (`minihuatuo world eval`).
 
 Three ways of asking the same held-out questions, each graded the way the recipe grades:
-  direct  the open question x alone; the rule verifier (world aliases) on the whole reply;
+  direct  the open question x alone; the rule verifier (world aliases) on the final response;
   cot     the search's first request (INIT prompt, search_prompts.py); the verifier on the Final
           Conclusion that `parse_cot` reads, as search.py does; an unreadable reply is wrong;
   mcq     the too-easy filter's MCQ prompt; the option letter `evaluate.extract_choice` finds.
@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .backends import ChatRequest, LocalBackend
-from .evaluate import extract_choice
+from .evaluate import extract_choice, final_response
 from .problem_prompts import TOO_EASY_PROMPT
 from .problem_prompts import render as render_mcq_prompt
 from .search_prompts import ReplyError, SearchPrompts, parse_cot, render
@@ -24,7 +24,7 @@ from .verifier_text import load_aliases
 from .world import DEFAULT_KB, generate_exam, load_kb, open_problem, write_aliases
 
 MODES = ("direct", "cot", "mcq")
-MAX_TOKENS = {"direct": 48, "cot": 384, "mcq": 16}
+MAX_TOKENS = {"direct": 384, "cot": 384, "mcq": 64}
 
 
 def world_verifier(kb) -> RuleVerifier:
@@ -45,8 +45,8 @@ def requests_for(mode: str, items, problems, prompts: SearchPrompts) -> list[Cha
 
 def grade(mode: str, reply: str, item, problem, verifier) -> tuple[bool, bool]:
     """(correct, readable)."""
-    if mode == "direct":
-        return verifier.verify(reply, problem.y_star), True
+    if mode == "direct":  # think-then-answer: the verifier reads the final response (reward.py's ŷ)
+        return verifier.verify(final_response(reply), problem.y_star), True
     if mode == "cot":
         try:
             conclusion = parse_cot(reply).conclusion

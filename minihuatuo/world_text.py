@@ -8,7 +8,7 @@ each stage of the demo through the ordinary `LocalBackend`:
     exercise           prompt (module that sends it)                       reply
     search init        search_prompts INIT_PROMPT (search.py)              {"CoT": [...]}, e_0
     search refine      search_prompts REFINE_PROMPT + a strategy           {"CoT": [Verification, ...]}
-    direct             the open question x alone (evaluation, SFT/PPO)     one answer sentence
+    direct             the open question x alone (evaluation, SFT/PPO)     ## Thinking e_0 ## Final Response y_0
     too-easy filter    problem_prompts TOO_EASY_PROMPT (problems.py)       "The answer is X."
     MCQ evaluation     evaluate FREE_PROMPT (evaluate.py)                  short reasoning + "The answer is X: ..."
     fact question      "What is the first-line treatment for ...?"         one sentence, always right

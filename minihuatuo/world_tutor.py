@@ -25,8 +25,8 @@ import random
 from dataclasses import dataclass, field, replace
 
 from .search import allowed_strategies
-from .search_prompts import STRATEGIES, SearchPrompts, render
-from .search_reformat import INIT, previous_reasoning
+from .search_prompts import SearchPrompts, render
+from .search_reformat import INIT, conclusion, previous_reasoning, template_complex_cot
 from .world import KB, Vignette, context_sentence, distractors, join, person
 
 ANSWER_SENTENCE = {
@@ -45,7 +45,7 @@ class TutorConfig:
     """The tutor's habits (module docstring). notes/world.md reports what each setting does to the
     base model's held-out accuracy."""
 
-    anchor: float = 0.8  # P(diagnose the classic condition of the first finding, when that is another condition)
+    anchor: float = 0.95  # P(diagnose the classic condition of the first finding, when that is another condition)
     skip_check: float = 0.9  # P(ignore the patient's context in a treatment question)
     slip: float = 0.04  # P(state a wrong fact for the condition)
     alias: float = 0.3  # P(name an answer by one of its aliases): the verifier must know them
@@ -135,11 +135,13 @@ def findings_step(kb: KB, v: Vignette) -> dict:
     return thought("Findings", f"The patient is a {person(v)} with {join(v.findings)}.{extra}")
 
 
-def diagnosis_step(kb: KB, v: Vignette, a: Attempt) -> dict:
+def diagnosis_step(kb: KB, v: Vignette, a: Attempt, title: str = "Diagnosis") -> dict:
+    """Refinements title it "New diagnosis": e_0's own diagnosis step then keeps the tutor's
+    anchoring rate, instead of being averaged with the refinements' corrected ones."""
     d = kb.by_id[a.diagnosis].name
     if a.anchored_on:
-        return thought("Diagnosis", f"{cap(a.anchored_on)} is the classic finding of {d}, so this is most likely {d}.")
-    return thought("Diagnosis", f"Together, {join(v.findings)} fit {d}.")
+        return thought(title, f"{cap(a.anchored_on)} is the classic finding of {d}, so this is most likely {d}.")
+    return thought(title, f"Together, {join(v.findings)} fit {d}.")
 
 
 def context_name(kb: KB, v: Vignette) -> str:
@@ -223,7 +225,7 @@ def strategy_steps(kb: KB, v: Vignette, prev: Attempt, k: str, new: Attempt) -> 
         verdict = "holds" if same else "does not hold"
         return [thought("Checking each step", f"The findings were read correctly. The diagnosis of "
                                               f"{kb.by_id[prev.diagnosis].name} {verdict}."),
-                *([] if same else [diagnosis_step(kb, v, new)])]
+                *([] if same else [diagnosis_step(kb, v, new, "New diagnosis")])]
     if k == "Exploring New Paths":
         if new.anchored_on:
             route = f"Start instead from {new.anchored_on}, the classic finding of {d}, so this is {d}."
@@ -235,7 +237,7 @@ def strategy_steps(kb: KB, v: Vignette, prev: Attempt, k: str, new: Attempt) -> 
     if same:  # Backtracking: return to an earlier step that still stands
         return [thought("Back to the diagnosis", f"Going back to the diagnosis of {d}, which still stands.")]
     return [thought("Back to the findings", f"Going back to the findings, which still stand: {join(v.findings)}."),
-            diagnosis_step(kb, v, new)]
+            diagnosis_step(kb, v, new, "New diagnosis")]
 
 
 def refine_actions(kb: KB, v: Vignette, prev: Attempt, k: str, new: Attempt, rng, cfg) -> list[dict]:
@@ -294,28 +296,26 @@ def refine_exercise(kb: KB, v: Vignette, x: str, rng, cfg: TutorConfig, max_dept
 
 
 def direct_exercise(kb: KB, v: Vignette, x: str, rng, cfg: TutorConfig):
-    """The open question alone, answered in one sentence with the tutor's habits."""
+    """The open question alone (what evaluation, SFT and PPO send), answered think-then-answer:
+    "## Thinking" with e_0 as plain paragraphs (`template_complex_cot` of a one-step chain, so the
+    habits are the tutor's and the wording is the one SFT data will use), then "## Final Response"
+    with the conclusion. An instruct LLM already has this format (paper §3.2's reward needs it);
+    what it lacks is the reflection that SFT on searched trajectories teaches."""
     a = first_attempt(kb, v, rng, cfg)
-    return chat(x, ANSWER_SENTENCE[v.qtype].format(say(kb, a.answer, rng, cfg))), a
+    actions = init_actions(kb, v, a, rng, cfg)
+    text = f"## Thinking\n\n{template_complex_cot([(INIT, actions)])}\n\n## Final Response\n\n{conclusion(actions)}"
+    return chat(x, text), a
 
 
 def mcq_reply(kb: KB, v: Vignette, options: dict, rng, cfg: TutorConfig, explain: bool) -> str:
-    """One line for the too-easy filter's prompt, or the hops worked out first for the evaluation's
-    free prompt. The answer's text comes first, then the options are read out in order up to the
-    one that matches ("It is X. A is Y. B is X. The answer is B."): a tiny model cannot look a
-    letter up in one hidden step, but it can copy. The tutor picks its own conclusion if it is an
-    option, else the keyed one."""
+    """The too-easy filter's prompt: "The answer is <option text>."; the evaluation's free prompt:
+    the diagnosis step first. The option is named by its text, not its letter: a model this small
+    does not learn to look a letter up in the options, and evaluate.extract_choice finds the
+    option by its text (its step 3, as the official scorer does). The tutor picks its own
+    conclusion if it is an option, else the keyed one."""
     a = first_attempt(kb, v, rng, cfg)
-    letter = next((k for k, o in options.items() if o == a.answer), None)
-    if letter is None:
+    if a.answer not in options.values():
         a = right_attempt(kb, v)
-        letter = next(k for k, o in options.items() if o == a.answer)
-    scan = " ".join(f"{k} is {o}." for k, o in list(options.items())[:list(options).index(letter) + 1])
-    tail = f"{scan} The answer is {letter}."
     if not explain:
-        return f"It is {options[letter]}. {tail}"
-    steps = [diagnosis_step(kb, v, a), *fact_steps(kb, v, a)]
-    return " ".join(s["content"] for s in steps) + f" So it is {options[letter]}. {tail}"
-
-
-STRATEGY_NAMES = STRATEGIES  # re-exported for tests and notes
+        return f"The answer is {a.answer}."
+    return f"{diagnosis_step(kb, v, a)['content']} So the answer is {a.answer}."

@@ -184,6 +184,11 @@ def test_rewards_sends_only_final_responses_in_one_batch():
     out = rewards([wrap("t1", "A"), "no format", wrap("t3", "C")], ["a", "b", "c"], v)
     assert out == [1.0, 0.0, 1.0]
     assert v.calls == [[("A", "a"), ("C", "c")]]  # the thinking never reaches the verifier
+    # the direct-response ablation's reward: no thinking required, the whole reply is the answer
+    v = RecordingVerifier()
+    out = rewards([wrap("t1", "A"), "just B", "   "], ["a", "b", "c"], v, RewardConfig(require_thinking=False))
+    assert out == [1.0, 1.0, 0.0]
+    assert v.calls == [[("A", "a"), ("just B", "b")]]
     with pytest.raises(ValueError, match="2 outputs but 1 references"):
         rewards(["x", "y"], ["a"], v)
 

@@ -223,6 +223,7 @@ def test_grading_reads_the_final_conclusion(kb, verifier):
     assert grade("cot", "no json here", it, problem, verifier) == (False, False)
     assert grade("direct", "The most likely diagnosis is CAP.", it, problem, verifier) == (True, True)
     assert grade("mcq", f"The answer is {it.answer_idx}.", it, problem, verifier) == (True, True)
+    assert grade("mcq", f"The answer is {it.answer}.", it, problem, verifier) == (True, True)
 
 
 def test_corpus_never_shows_a_heldout_combination(kb):
@@ -300,3 +301,20 @@ def test_shipped_base_model_matches_the_current_prompts(kb):
     assert not stale, f"the prompts changed since data/world/base was trained (rerun world pretrain): {stale}"
     summary = json.loads((BASE / "pretrain.json").read_text())
     assert summary["parameters"] < 5_000_000
+
+
+def test_direct_exercise_is_think_then_answer_with_the_tutors_conclusion(kb, verifier):
+    from minihuatuo.reward import extract_final_response
+    from minihuatuo.world_tutor import direct_exercise
+
+    items = generate_exam(kb, "train", 40, seed=3)
+    seen = Counter()
+    for it in items:
+        doc, attempt = direct_exercise(kb, vignette_of(it), open_problem(it).x, random.Random(it.id), TutorConfig())
+        reply = doc[1]["content"]
+        final = extract_final_response(reply)  # the reward's format check passes on every exercise
+        assert final is not None and reply.startswith("## Thinking\n\n")
+        ok = verifier.verify(final, open_problem(it).y_star)
+        assert ok == (attempt.answer == open_problem(it).y_star)  # ŷ is the tutor's own (biased) conclusion
+        seen[ok] += 1
+    assert seen[True] and seen[False]  # the habits make it wrong often, not always

@@ -1,0 +1,95 @@
+"""What `minihuatuo demo` shows a learner: the results table, real example trajectories and answers,
+and the plots (PNG with matplotlib, the optional `plots` extra; CSV always)."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+STAGES = ("base", "sft", "ppo")
+LABELS = {"base": "base (pretrained)", "sft": "SFT on complex CoT", "ppo": "SFT + PPO"}
+
+
+def results_table(results: dict) -> str:
+    lines = ["", f"held-out accuracy (seed {results.get('seed')}, greedy; open-ended: rule verifier on the final "
+                 "response; MCQ: benchmark scorer)",
+             f"{'model':22s} {'open-ended':>12s} {'MCQ':>8s} {'avg tokens':>11s} {'stage time':>11s}"]
+    for s in STAGES:
+        r = results[s]
+        lines.append(f"{LABELS[s]:22s} {r['accuracy']:>7.1%} of {r['n']:<3d} {r['mcq_accuracy']:>8.1%} "
+                     f"{r['avg_response_tokens']:>11.0f} {r['wall_s']:>10.0f}s")
+    t = results["timings_s"]
+    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items())
+                 + f"; total {results['total_wall_s']:.0f}s")
+    return "\n".join(lines)
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def print_examples(out: Path, file=sys.stderr) -> None:
+    """A search that needed a strategy, then one held-out answer each from SFT and PPO (one the SFT
+    model got wrong and PPO right, when there is one)."""
+    out = Path(out)
+    records = read_jsonl(out / "search" / "search.jsonl")
+    refined = [r for r in records if r["search"]["success"] and r["search"]["accepted_at"]["depth"] > 0]
+    bar = "-" * 100
+    if refined:
+        r = refined[0]
+        print(f"\n{bar}\nA search that needed a strategy (strategies: {', '.join(r['search']['strategies'])}; "
+              f"verifier verdicts: {r['search']['outcomes']})\nQUESTION: {r['Question']}\nREFERENCE: "
+              f"{r.get('Ground-True Answer', '')}\nCOMPLEX CoT (template reformatter):\n{r['Complex_CoT']}\n"
+              f"RESPONSE: {r['Response']}", file=file)
+    sft, ppo = read_jsonl(out / "eval" / "sft.jsonl"), read_jsonl(out / "eval" / "ppo.jsonl")
+    pick = next((i for i, (a, b) in enumerate(zip(sft, ppo)) if not a["correct"] and b["correct"]), 0)
+    for name, rows in (("SFT", sft), ("SFT+PPO", ppo)):
+        r = rows[pick]
+        print(f"\n{bar}\n{name} model, held-out question ({'correct' if r['correct'] else 'wrong'}; reference: "
+              f"{r['answer']}):\n{r['question']}\n{r['reply']}", file=file)
+    print(bar, file=file)
+
+
+def write_plots(out: Path, results: dict) -> list[Path]:
+    """accuracy.csv and ppo_reward.csv always; the same as PNG when matplotlib is importable."""
+    out = Path(out)
+    written = []
+    with open(out / "accuracy.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["model", "open_ended_accuracy", "mcq_accuracy", "n", "avg_response_tokens"])
+        for s in STAGES:
+            r = results[s]
+            w.writerow([s, f"{r['accuracy']:.4f}", f"{r['mcq_accuracy']:.4f}", r["n"], f"{r['avg_response_tokens']:.1f}"])
+    written.append(out / "accuracy.csv")
+    curve = [(m["update"], m["score"], m.get("kl_k1", 0.0)) for m in read_jsonl(out / "ppo" / "metrics.jsonl")]
+    with open(out / "ppo_reward.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["update", "mean_score", "kl"])
+        w.writerows(curve)
+    written.append(out / "ppo_reward.csv")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o")
+    ax.set(xlabel="PPO update", ylabel="mean reward (1 / 0.1 / 0)", title="PPO on verifier rewards")
+    fig.tight_layout()
+    fig.savefig(out / "ppo_reward.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = range(len(STAGES))
+    ax.bar([x - 0.2 for x in xs], [results[s]["accuracy"] for s in STAGES], width=0.4, label="open-ended")
+    ax.bar([x + 0.2 for x in xs], [results[s]["mcq_accuracy"] for s in STAGES], width=0.4, label="MCQ")
+    ax.set_xticks(list(xs), [LABELS[s] for s in STAGES])
+    ax.set(ylim=(0, 1), ylabel=f"held-out accuracy (n = {results['base']['n']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+    return written + [out / "ppo_reward.png", out / "accuracy.png"]
