@@ -64,13 +64,13 @@ class DemoConfig:
     sft_max_length: int = 1024  # the model's context: no searched trajectory is cut before its answer
     # stage 2: PPO (ppo_train.py, preset tiny-world)
     ppo_updates: int = 12
-    ppo_batch: int = 64
+    ppo_batch: int = 48
     ppo_lr: float = 5e-5
     ppo_epochs: int = 2
     ppo_beta: float = 0.03  # paper §4.1
     ppo_temperature: float = 0.7  # rollouts (and their log-probs); 1.0 gave mostly unfinished replies
     ppo_value_head: str = "shared"  # a value head on the policy trunk: half the compute of a critic copy
-    ppo_vf_coef: float = 0.5
+    ppo_vf_coef: float = 0.1  # official; 0.5 on the shared trunk corrupted the policy's facts (notes/demo.md)
     # GAE λ. The official 0.95 carries the end-of-reply score only ~20 tokens back (0.95^20 ≈ 0.36):
     # with a critic that has seen ten updates, the diagnosis written 250 tokens earlier learns nothing
     ppo_lam: float = 1.0

@@ -1,7 +1,7 @@
 """`minihuatuo demo --ablation`: paper Tables 2 and 3 in miniature, on the bundled world.
 
-For each seed, one run of problems + search (demo.py) gives the three SFT datasets of the same
-searched problems (search_cli.write_datasets):
+For each seed, one `minihuatuo demo` run (problems, search, SFT on complex CoT, PPO) gives the
+three SFT datasets of the same searched problems (search_cli.write_datasets):
     direct   ŷ only (no thinking part)
     simple   e_0, y_0 of problems whose first chain was already right (no reflection)
     complex  ê of every successful search (the recipe)
@@ -21,9 +21,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .backends import LocalBackend
-from .demo import (DemoConfig, evaluate_model, fine_tune, make_problems, reinforce, say,
-                   search_trajectories)
+from .demo import DemoConfig, evaluate_model, fine_tune, reinforce, run_demo, say
 from .world import DEFAULT_KB, generate_exam, load_kb, open_problem
 from .world_eval import world_verifier
 
@@ -35,10 +33,13 @@ def mean_std(xs: list[float]) -> dict:
 
 
 def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3) -> dict:
+    """out_dir/seed{s} is a complete `minihuatuo demo --seed s` run (made here unless it exists with
+    the same configuration): its search, its complex-CoT SFT model and its PPO model are the
+    "complex" variant. The other two variants are trained from its search files, under
+    out_dir/seed{s}/ablation_{variant}/. Finished (seed, variant) pairs are kept in runs.jsonl and
+    skipped on a rerun."""
     import torch
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -46,33 +47,45 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3) -> dict:
     verifier = world_verifier(kb)
     heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
     problems = [open_problem(it) for it in heldout]
-    base_eval = evaluate_model(cfg.base, heldout, problems, verifier, cfg, out / "eval_base.jsonl", "base", mcq=False)
-    runs: list[dict] = []
+    runs_file = out / "runs.jsonl"
+    runs = [json.loads(line) for line in runs_file.read_text(encoding="utf-8").splitlines()] \
+        if runs_file.exists() else []
+    done = {(r["seed"], r["variant"]) for r in runs}
+
+    def record(run: dict) -> None:
+        runs.append(run)
+        with open(runs_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(run) + "\n")
+
+    base = None
     for seed in range(seeds):
         c = replace(cfg, seed=seed)
         d = out / f"seed{seed}"
-        torch.manual_seed(seed)
-        base = LocalBackend.from_dir(c.base, dtype="float32", batch_size=c.batch_size, seed=seed)
-        built = make_problems(c, d / "problems", generate_exam(kb, "train", c.n_train, seed), base)
-        search_trajectories(c, d / "search", built.search, base, verifier)
-        del base
-        for variant, file in VARIANTS.items():
-            n_examples = sum(1 for _ in open(d / "search" / file, encoding="utf-8"))
-            say(f"ablation seed {seed}, {variant}: SFT on {n_examples} examples, then PPO")
-            sft_dir = fine_tune(c, c.base, d / "search" / file, d / variant / "sft")
-            sft = evaluate_model(sft_dir, heldout, problems, verifier, c, d / variant / "eval_sft.jsonl", "sft", mcq=False)
-            ppo_dir = reinforce(c, sft_dir, d / "problems" / "rl.json", d / variant / "ppo", verifier,
+        if not (d / "results.json").exists():
+            run_demo(c, d)
+        if json.loads((d / "config.json").read_text(encoding="utf-8")) != asdict(c):
+            raise ValueError(f"{d}: a demo run with another configuration; remove it or choose another --out")
+        res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+        base = res["base"]["accuracy"]
+        if (seed, "complex") not in done:
+            record(variant_run(seed, "complex", d / "search" / VARIANTS["complex"], res["sft"], res["ppo"]))
+        for variant in ("direct", "simple"):
+            if (seed, variant) in done:
+                continue
+            torch.manual_seed(seed)
+            v = d / f"ablation_{variant}"
+            data = d / "search" / VARIANTS[variant]
+            say(f"ablation seed {seed}, {variant}: SFT on {count_lines(data)} examples, then PPO")
+            sft_dir = fine_tune(c, c.base, data, v / "sft")
+            sft = evaluate_model(sft_dir, heldout, problems, verifier, c, v / "eval_sft.jsonl", "sft", mcq=False)
+            ppo_dir = reinforce(c, sft_dir, d / "problems" / "rl.json", v / "ppo", verifier,
                                 require_thinking=variant != "direct")
-            ppo = evaluate_model(ppo_dir, heldout, problems, verifier, c, d / variant / "eval_ppo.jsonl", "ppo", mcq=False)
-            runs.append({"seed": seed, "variant": variant, "sft_examples": n_examples, "sft": sft["accuracy"],
-                         "ppo": ppo["accuracy"], "rl_gain": ppo["accuracy"] - sft["accuracy"],
-                         "sft_tokens": sft["avg_response_tokens"], "ppo_tokens": ppo["avg_response_tokens"]})
-            with open(out / "runs.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(runs[-1]) + "\n")
-    summary = {"base": base_eval["accuracy"], "n": len(problems), "seeds": seeds, "config": asdict(cfg),
+            ppo = evaluate_model(ppo_dir, heldout, problems, verifier, c, v / "eval_ppo.jsonl", "ppo", mcq=False)
+            record(variant_run(seed, variant, data, sft, ppo))
+    summary = {"base": base, "n": len(problems), "seeds": seeds, "config": asdict(cfg),
                "wall_s": round(time.perf_counter() - t0, 1), "variants": {}}
     for variant in VARIANTS:
-        mine = [r for r in runs if r["variant"] == variant]
+        mine = [r for r in runs if r["variant"] == variant and r["seed"] < seeds]
         summary["variants"][variant] = {k: mean_std([r[k] for r in mine]) for k in
                                         ("sft_examples", "sft", "ppo", "rl_gain", "sft_tokens", "ppo_tokens")}
     (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -86,6 +99,16 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3) -> dict:
                         f"{s['sft_examples']['mean']:.1f}"])
     print(format_ablation(summary))
     return summary
+
+
+def count_lines(path: Path) -> int:
+    return sum(1 for line in open(path, encoding="utf-8") if line.strip())
+
+
+def variant_run(seed: int, variant: str, data: Path, sft: dict, ppo: dict) -> dict:
+    return {"seed": seed, "variant": variant, "sft_examples": count_lines(data), "sft": sft["accuracy"],
+            "ppo": ppo["accuracy"], "rl_gain": ppo["accuracy"] - sft["accuracy"],
+            "sft_tokens": sft["avg_response_tokens"], "ppo_tokens": ppo["avg_response_tokens"]}
 
 
 def format_ablation(s: dict) -> str:

@@ -39,8 +39,10 @@ def print_examples(out: Path, file=sys.stderr) -> None:
     bar = "-" * 100
     if refined:
         r = refined[0]
-        print(f"\n{bar}\nA search that needed a strategy (strategies: {', '.join(r['search']['strategies'])}; "
-              f"verifier verdicts: {r['search']['outcomes']})\nQUESTION: {r['Question']}\nREFERENCE: "
+        verdicts = ", ".join(f"{c['conclusion']!r} -> {'accepted' if c['verdict'] else 'rejected'}"
+                             for c in r["search"]["verifier_calls"])
+        print(f"\n{bar}\nA search that needed a strategy (steps: {' -> '.join(r['search']['strategies'])}; "
+              f"verifier: {verdicts})\nQUESTION: {r['Question']}\nREFERENCE: "
               f"{r.get('Ground-True Answer', '')}\nCOMPLEX CoT (template reformatter):\n{r['Complex_CoT']}\n"
               f"RESPONSE: {r['Response']}", file=file)
     sft, ppo = read_jsonl(out / "eval" / "sft.jsonl"), read_jsonl(out / "eval" / "ppo.jsonl")

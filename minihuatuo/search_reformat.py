@@ -63,7 +63,8 @@ def decapitalize(text: str) -> str:
     """Lower-case the first letter when a transition is put in front of a sentence ("The ..." ->
     "Also, the ..."), but leave acronyms ("ECG"), "I" and non-letters alone."""
     word = text.split(" ", 1)[0].rstrip(",;:.")
-    if len(word) > 1 and word[0].isupper() and word[1:].islower() and word[1:].isalpha():
+    rest = word[1:].replace("-", "")  # "Community-acquired" is a capitalised word too, "X-ray" is not
+    if len(word.split("-")[0]) > 1 and word[0].isupper() and rest.islower() and rest.isalpha():
         return text[0].lower() + text[1:]
     return text
 

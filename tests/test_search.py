@@ -544,3 +544,13 @@ def test_command_end_to_end_with_a_real_tiny_model(tiny_checkpoint, tmp_path):
     assert read_records(tmp_path / "o" / "sft.jsonl") == []
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["problems"] == n and summary["token_counter"].startswith("tokenizer")
+
+
+def test_transitions_lower_case_only_ordinary_capitalised_words():
+    from minihuatuo.search_reformat import decapitalize
+
+    assert decapitalize("The rash spread.") == "the rash spread."
+    assert decapitalize("Together, fever and cough fit pneumonia.") == "together, fever and cough fit pneumonia."
+    assert decapitalize("Community-acquired pneumonia does not hold.") == "community-acquired pneumonia does not hold."
+    for kept in ("ECG shows ST elevation.", "X-ray first.", "I think so.", "COPD-related", "3 findings"):
+        assert decapitalize(kept) == kept

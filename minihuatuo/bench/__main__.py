@@ -5,7 +5,8 @@ BENCHMARKS = {"generate": "minihuatuo.bench.generate",
               "sft": "minihuatuo.bench.sft",
               "ppo": "minihuatuo.bench.ppo",
               "decontam": "minihuatuo.bench.decontam",
-              "kernels": "minihuatuo.bench.kernels"}
+              "kernels": "minihuatuo.bench.kernels",
+              "search": "minihuatuo.bench.search"}
 
 
 def main(argv=None) -> int:
