@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -252,17 +253,12 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class timed:
+@contextmanager
+def timed(timings: dict, key: str):
     """with timed(timings, "stage"): ... adds the block's wall time to timings["stage"]."""
-
-    def __init__(self, timings: dict, key: str):
-        self.timings, self.key = timings, key
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.t0
+    t0 = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------------
