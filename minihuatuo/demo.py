@@ -57,33 +57,34 @@ class DemoConfig:
     # stage 1: search (search.py; the base model is the search LLM, the template reformatter writes ê)
     max_depth: int = 3  # N
     max_attempts: int = 3  # T
-    search_in_flight: int = 256  # problems searched at once (one batched sampler call per step)
+    search_in_flight: int = 512  # problems searched at once (one batched sampler call per step)
     # stage 1: SFT (sft.py, preset tiny-world)
-    sft_epochs: int = 4
+    sft_epochs: int = 1  # one pass: SFT teaches the reflection, PPO then finishes it (notes/demo.md §3)
     sft_lr: float = 5e-4
     sft_batch: int = 16
     sft_max_length: int = 1024  # the model's context: no searched trajectory is cut before its answer
     # stage 2: PPO (ppo_train.py, preset tiny-world)
-    ppo_updates: int = 12
+    ppo_updates: int = 24
     ppo_batch: int = 48
-    ppo_lr: float = 5e-5
-    ppo_epochs: int = 2
+    ppo_micro_batch: int = 16  # rows per forward; rows of similar length together, cut to their longest
+    ppo_lr: float = 2e-4
+    ppo_epochs: int = 1
     ppo_beta: float = 0.03  # paper §4.1
     ppo_temperature: float = 0.7  # rollouts (and their log-probs); 1.0 gave mostly unfinished replies
-    ppo_value_head: str = "shared"  # a value head on the policy trunk: half the compute of a critic copy
-    ppo_vf_coef: float = 0.1  # official; 0.5 on the shared trunk corrupted the policy's facts (notes/demo.md)
+    ppo_value_head: str = "separate"  # a critic network (official); a head on the policy trunk gained less
+    ppo_vf_coef: float = 0.1  # official
     # GAE λ. The official 0.95 carries the end-of-reply score only ~20 tokens back (0.95^20 ≈ 0.36):
     # with a critic that has seen ten updates, the diagnosis written 250 tokens earlier learns nothing
     ppo_lam: float = 1.0
     response_length: int = 384  # new tokens per rollout / evaluation reply
     # machine
-    batch_size: int = 128  # rows per batched generate call
+    batch_size: int = 512  # rows per batched generate call (finished rows leave the batch: sample.py)
     threads: int = 0  # torch threads (0 = torch's default: all cores)
 
 
 PRESETS = {
     "default": DemoConfig(),
-    "quick": DemoConfig(n_train=300, n_heldout=100, max_attempts=2, sft_epochs=3, ppo_updates=3, ppo_batch=32),
+    "quick": DemoConfig(n_train=300, n_heldout=100, max_attempts=2, ppo_updates=3, ppo_batch=32),
 }
 
 
@@ -149,7 +150,7 @@ def reinforce(cfg: DemoConfig, policy_dir, rl_path: Path, out: Path, verifier, r
     from .reward import RewardConfig
 
     ppo_cfg = replace(PPO_PRESETS["tiny-world"], seed=cfg.seed, batch_size=cfg.ppo_batch,
-                      micro_batch_size=cfg.ppo_batch, total_episodes=cfg.ppo_updates * cfg.ppo_batch,
+                      micro_batch_size=cfg.ppo_micro_batch, total_episodes=cfg.ppo_updates * cfg.ppo_batch,
                       lr=cfg.ppo_lr, ppo_epochs=cfg.ppo_epochs, beta=cfg.ppo_beta,
                       response_length=cfg.response_length, temperature=cfg.ppo_temperature,
                       value_head=cfg.ppo_value_head, vf_coef=cfg.ppo_vf_coef, lam=cfg.ppo_lam, save_every=0)

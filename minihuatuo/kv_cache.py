@@ -27,6 +27,11 @@ class KVCache:
         return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim,
                    dtype=w.dtype, device=w.device)
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (1-D indices), in this order: the sampler drops finished rows."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, K, T, D) into slots [start, start + T) of `layer`; return all keys and values
         written so far, slots [0, start + T), as views (B, K, start + T, D)."""

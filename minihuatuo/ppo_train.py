@@ -94,6 +94,21 @@ def in_chunks(n: int, size: int):
     return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def by_length(ro: Rollout, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """idx cut into chunks of `size` rows of similar response length (shortest first), so that each
+    chunk can be cut to its own longest response (`trim`)."""
+    return list(idx[torch.argsort(ro.last[idx], stable=True)].split(size))
+
+
+def trim(ro: Rollout) -> Rollout:
+    """The rollout without the response slots no row uses (beyond every row's L + 1, the value
+    mask's end): everything there is masked, so the numbers are unchanged and a forward over replies
+    of 150-250 tokens no longer pays for the 384 slots of the longest one in the batch."""
+    R = min(ro.response.shape[1], int(ro.last.max()) + 2)
+    return Rollout(*(v[:, :R] if isinstance(v, torch.Tensor) and v.dim() == 2 and name not in ("query", "query_mask")
+                     else v for name, v in ((f.name, getattr(ro, f.name)) for f in dataclasses.fields(Rollout))))
+
+
 @torch.no_grad()
 def score_rollout(cfg: PPOConfig, ro: Rollout, references, verifier, reward_cfg: RewardConfig):
     scores = torch.tensor(rewards(ro.texts, references, verifier, reward_cfg), device=ro.query.device)
@@ -116,7 +131,11 @@ class Experience:
 
 
 def select_experience(exp: Experience, idx) -> Experience:
-    return Experience(select(exp.ro, idx), *(getattr(exp, f.name)[idx] for f in dataclasses.fields(Experience)[1:]))
+    """Rows idx of the experience, cut to the response slots they use (`trim`)."""
+    ro = trim(select(exp.ro, idx))
+    R = ro.response.shape[1]
+    return Experience(ro, *(getattr(exp, f.name)[idx] if getattr(exp, f.name).dim() == 1 else getattr(exp, f.name)[idx, :R]
+                            for f in dataclasses.fields(Experience)[1:]))
 
 
 @torch.no_grad()
@@ -131,9 +150,13 @@ def collect(u: int, cfg: PPOConfig, ac, ref, tokenizer, items, verifier, d: Dist
     ro = rollout(base.policy, tokenizer, prompts, cfg.temperature, cfg.response_length, tokenizer.eos_ids,
                  cfg.early_stop, seed=cfg.seed * 1_000_003 + u * 1009 + d.rank)
     t1 = time.perf_counter()
-    chunks = in_chunks(len(prompts), cfg.micro_batch_size)
-    ref_lp = torch.cat([response_logprobs(ref, select(ro, c), cfg.temperature) for c in chunks]) * ro.policy_mask
-    old_values = torch.cat([_values(base, select(ro, c)) for c in chunks]) * ro.value_mask  # checklist 22
+    ref_lp, old_values = torch.zeros_like(ro.logprobs), torch.zeros_like(ro.logprobs)
+    for c in by_length(ro, torch.arange(len(prompts)), cfg.micro_batch_size):
+        sub = trim(select(ro, c))
+        R = sub.response.shape[1]
+        ref_lp[c, :R] = response_logprobs(ref, sub, cfg.temperature)
+        old_values[c, :R] = _values(base, sub)
+    ref_lp, old_values = ref_lp * ro.policy_mask, old_values * ro.value_mask  # checklist 22
     t2 = time.perf_counter()
     scores, raw_scores = score_rollout(cfg, ro, references, verifier, reward_cfg)
     t3 = time.perf_counter()
@@ -157,7 +180,7 @@ def learn(u: int, cfg: PPOConfig, ac, optimizer, exp: Experience) -> dict[str, l
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed * 7919 + u * 131 + epoch))
         for mb in perm.tensor_split(cfg.num_mini_batches):
-            micro = mb.split(cfg.micro_batch_size)
+            micro = by_length(ro, mb, cfg.micro_batch_size)  # the same sum of per-sequence losses, less padding
             for j, c in enumerate(micro):
                 sub = select_experience(exp, c)
                 ids, mask, pos = forward_inputs(sub.ro)

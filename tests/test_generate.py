@@ -160,3 +160,40 @@ def test_batched_rows_equal_single_rows():
     batched = generate(model, PROMPTS, cfg, pad_id=0).responses()
     for b, p in enumerate(PROMPTS):
         assert generate(model, [p], cfg, pad_id=0).responses()[0] == batched[b]
+
+
+def test_dropping_finished_rows_changes_no_row():
+    """Rows that stop early are dropped from the batch and the cache (once an eighth of the batch is
+    done): every row must still decode exactly as it does alone, and log-probs must match too."""
+    model = tiny(seed=11)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 97, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (24,), generator=g)]
+    free = generate(model, prompts, SamplingConfig(max_new_tokens=24, temperature=0), pad_id=0)
+    # the two most frequent generated tokens as stop ids: rows finish at many different steps
+    stop = tuple(torch.bincount(free.tokens.flatten(), minlength=97).topk(2).indices.tolist())
+    cfg = SamplingConfig(max_new_tokens=24, temperature=0, stop_token_ids=stop)
+    out = generate(model, prompts, cfg, pad_id=0)
+    lengths = out.mask.sum(1)
+    assert len(set(lengths.tolist())) >= 4 and (lengths < 24).sum() >= 8  # rows really were dropped
+    for b, p in enumerate(prompts):
+        alone = generate(model, [p], cfg, pad_id=0)
+        assert out.responses()[b] == alone.responses()[0]
+        assert out.finish_reasons[b] == alone.finish_reasons[0]
+        n = int(lengths[b])
+        torch.testing.assert_close(out.logprobs[b, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
+        assert (out.logprobs[b, n:] == 0).all() and (out.tokens[b, n:] == 0).all()
+
+
+def test_sampling_with_dropped_rows_is_seeded_and_follows_the_distribution():
+    """Sampled rows that stop early: the same seed gives the same tokens, and the first token's
+    empirical frequencies follow softmax(logits / T) of the model."""
+    model = tiny(seed=2)
+    prompts = [[5, 17, 33]] * 3000
+    cfg = SamplingConfig(max_new_tokens=6, temperature=1.3, seed=9, stop_token_ids=(1, 2, 3, 4, 5, 6, 7, 8))
+    a, b = generate(model, prompts, cfg, pad_id=0), generate(model, prompts, cfg, pad_id=0)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert (a.mask.sum(1) < 6).any()  # some rows stopped and were dropped
+    with torch.no_grad():
+        p = torch.softmax(model(torch.tensor([[5, 17, 33]]))[0, -1].float() / 1.3, -1)
+    freq = torch.bincount(a.tokens[:, 0], minlength=97).float() / len(prompts)
+    assert (freq - p).abs().max() < 0.03

@@ -254,3 +254,52 @@ def test_kernels_switch_gives_the_same_update(toy):
         weights.append({k: v.detach().clone() for k, v in ac.state_dict().items()})
     for k in weights[0]:
         torch.testing.assert_close(weights[1][k], weights[0][k], atol=2e-5, rtol=1e-4)
+
+
+def _experience(toy, cfg):
+    from minihuatuo.formats import read_problems
+    from minihuatuo.ppo_train import build_models, collect
+    from minihuatuo.reward import RewardConfig
+    from minihuatuo.sft import Dist
+
+    ac, ref = build_models(cfg, toy / "sft" / "final", None, "cpu")
+    tok = Tokenizer.from_dir(toy / "sft" / "final")
+    exp = collect(0, cfg, ac, ref, tok, read_problems(toy / "problems.json"), ExactMatchVerifier(), Dist(),
+                  RewardConfig(), {})
+    return ac, ref, exp
+
+
+def test_length_sorted_trimmed_chunks_give_the_full_forward_numbers(toy):
+    """collect() runs the reference and the critic on chunks of similar length cut to their longest
+    response (ppo_train.trim); log π_ref and V_old must equal one forward over all response slots."""
+    from minihuatuo.rl import response_values
+
+    cfg = toy_cfg(value_head="separate", micro_batch_size=5, temperature=1.5)
+    ac, ref, exp = _experience(toy, cfg)
+    ro = exp.ro
+    assert int(ro.last.max()) - int(ro.last.min()) >= 3  # rows of different lengths: chunks were cut
+    assert int(ro.last.min()) + 2 < ro.response.shape[1]
+    with torch.no_grad():
+        full_ref = response_logprobs(ref, ro, cfg.temperature) * ro.policy_mask
+        full_v = response_values(ac.critic, ro) * ro.value_mask
+    torch.testing.assert_close(exp.ref_logprobs, full_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(exp.old_values, full_v, atol=1e-5, rtol=0)
+
+
+def test_micro_batch_size_does_not_change_the_update(toy):
+    """Micro-batches are gradient accumulation inside one minibatch: sorted by length and cut to
+    their longest response or not, the update is the same sum of per-sequence losses."""
+    from minihuatuo.ppo_train import learn
+
+    weights = []
+    for micro in (32, 3):
+        cfg = toy_cfg(value_head="separate", micro_batch_size=micro, temperature=1.5)
+        torch.manual_seed(0)
+        ac, _, exp = _experience(toy, toy_cfg(value_head="separate", temperature=1.5))
+        opt = torch.optim.SGD(ac.parameters(), lr=1.0)  # see test_kernels_switch_gives_the_same_update
+        learn(0, cfg, ac, opt, exp)
+        weights.append({k: v.detach().clone() for k, v in ac.state_dict().items()})
+    start = load_model(toy / "sft" / "final").state_dict()
+    assert any(not torch.equal(weights[0][f"policy.{k}"], v) for k, v in start.items())
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], atol=2e-5, rtol=1e-4)
