@@ -74,7 +74,8 @@ class DemoConfig:
     ppo_value_head: str = "separate"  # a critic network (official); a head on the policy trunk gained less
     ppo_vf_coef: float = 0.1  # official
     # GAE λ. The official 0.95 carries the end-of-reply score only ~20 tokens back (0.95^20 ≈ 0.36):
-    # with a critic that has seen ten updates, the diagnosis written 250 tokens earlier learns nothing
+    # the diagnosis written 250 tokens earlier depends on a critic that has had a few updates to learn;
+    # in a sweep λ 0.95 collapsed the policy (notes/demo.md §3)
     ppo_lam: float = 1.0
     response_length: int = 384  # new tokens per rollout / evaluation reply
     # machine
