@@ -134,8 +134,8 @@ def select_experience(exp: Experience, idx) -> Experience:
     """Rows idx of the experience, cut to the response slots they use (`trim`)."""
     ro = trim(select(exp.ro, idx))
     R = ro.response.shape[1]
-    return Experience(ro, *(getattr(exp, f.name)[idx] if getattr(exp, f.name).dim() == 1 else getattr(exp, f.name)[idx, :R]
-                            for f in dataclasses.fields(Experience)[1:]))
+    rows = (getattr(exp, f.name)[idx] for f in dataclasses.fields(Experience)[1:])
+    return Experience(ro, *(x if x.dim() == 1 else x[:, :R] for x in rows))
 
 
 @torch.no_grad()
