@@ -254,14 +254,24 @@ class ExamConfig:
     contraindicated: float = 0.6  # P(that context contraindicates the first-line treatment)
     other_context: float = 0.15  # P(an irrelevant context in a non-treatment question)
     all_findings: float = 0.3  # train split: P(show all findings, not 3)
-    generic_first: float = 0.8  # P(the stem opens with its least specific finding, as case reports do)
+    generic_first: float = 1.0  # P(the stem opens with its least specific finding, as case reports do)
     five_options: float = 0.5  # P(5 options rather than 4)
 
 
-def heldout_combination(c: Condition) -> frozenset[str]:
-    """The three-finding combination of c reserved for the held-out split (fixed by the KB alone)."""
-    subsets = list(combinations(c.findings, MIN_SHOWN))
-    return frozenset(random.Random(f"heldout:{c.id}").choice(subsets))
+def heldout_combination(kb: KB, c: Condition) -> frozenset[str]:
+    """The three-finding combination of c reserved for the held-out split (fixed by the KB alone).
+
+    Where c has one, it is a *trap*: its least specific finding, the one a stem opens with, is the
+    classic finding of another condition. The held-out split then tests the skill the recipe should
+    teach, reading the whole combination, on cases where the first finding points elsewhere
+    (notes/world.md §2). 47 of the 63 conditions have a trap combination."""
+    subsets = [frozenset(s) for s in combinations(c.findings, MIN_SHOWN)]
+
+    def trap(s: frozenset[str]) -> bool:
+        widest = max(len(kb.with_finding(f)) for f in s)
+        return all(kb.classic[f] != c.id for f in s if len(kb.with_finding(f)) == widest)
+
+    return random.Random(f"heldout:{c.id}").choice([s for s in subsets if trap(s)] or subsets)
 
 
 def context_fits(kb: KB, c: Condition, k: str) -> bool:
@@ -289,7 +299,7 @@ def sample_vignette(kb: KB, split: str, rng: random.Random, cfg: ExamConfig = Ex
     sex = c.sex if c.sex != "any" else ctx["sex"] if ctx["sex"] != "any" else rng.choice(("female", "male"))
     lo, hi = ctx.get("age", (0, 200))
     age = rng.randint(max(lo, c.age[0]), min(hi, c.age[1]))
-    held = heldout_combination(c)
+    held = heldout_combination(kb, c)
     if split == "heldout":
         shown = list(held)
     else:

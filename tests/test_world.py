@@ -7,7 +7,7 @@ import random
 import subprocess
 import sys
 from collections import Counter
-from itertools import permutations
+from itertools import combinations, permutations
 from pathlib import Path
 
 import pytest
@@ -113,8 +113,27 @@ def test_heldout_vignettes_are_new_combinations(kb):
     held = sample_vignettes(kb, "heldout", 800, seed=0)
     key = lambda v: (v.condition, frozenset(v.findings))  # noqa: E731
     assert not {key(v) for v in train} & {key(v) for v in held}
-    assert all(frozenset(v.findings) == heldout_combination(kb.by_id[v.condition]) for v in held)
+    assert all(frozenset(v.findings) == heldout_combination(kb, kb.by_id[v.condition]) for v in held)
     assert len({v.condition for v in held}) == len(kb.conditions)  # every condition is examined
+
+
+def test_heldout_combination_is_a_trap_where_the_condition_has_one(kb):
+    """The reserved combination opens (least specific finding first) with another condition's
+    classic finding whenever any three-finding combination of the condition can."""
+    traps = 0
+    for c in kb.conditions:
+        def lead_misleads(s):
+            widest = max(len(kb.with_finding(f)) for f in s)
+            return all(kb.classic[f] != c.id for f in s if len(kb.with_finding(f)) == widest)
+        possible = any(lead_misleads(s) for s in combinations(c.findings, 3))
+        assert lead_misleads(heldout_combination(kb, c)) == possible, c.id
+        traps += possible
+    assert traps == 47  # notes/world.md §2
+    held = sample_vignettes(kb, "heldout", 300, seed=1000)  # the demo's held-out set
+    for v in held:  # generic_first = 1: every stem opens with its least specific finding
+        assert len(kb.with_finding(v.findings[0])) == max(len(kb.with_finding(f)) for f in v.findings)
+    misled = sum(kb.classic[v.findings[0]] != v.condition for v in held)
+    assert misled >= 0.7 * len(held)  # 215 of 300 (72%); 53% when combinations were drawn at random
 
 
 def test_mcqs_have_one_correct_option_and_labelled_hops(kb, raw, verifier):
@@ -234,7 +253,7 @@ def test_corpus_never_shows_a_heldout_combination(kb):
                                          free_mcq_exercises=50))
     text = "\n".join(m["content"] for _, d in docs for m in d)
     for c in kb.conditions:
-        for order in permutations(sorted(heldout_combination(c))):
+        for order in permutations(sorted(heldout_combination(kb, c))):
             assert f"presents with {join(order)}." not in text
 
 
