@@ -39,7 +39,8 @@ from .config import add_config_args, build_config
 from .evaluate import FREE_PROMPT, extract_choice, final_response, render_prompt
 from .formats import write_problems
 from .problems import ProblemsConfig, build_problems
-from .world import DEFAULT_KB, WORLD_DIR, generate_exam, load_kb, open_problem
+from .world import DEFAULT_KB, WORLD_DIR, load_kb
+from .world_exam import generate_exam, open_problem
 from .world_eval import world_verifier
 
 

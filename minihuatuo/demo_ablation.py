@@ -22,7 +22,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .demo import DemoConfig, evaluate_model, fine_tune, reinforce, run_demo, say
-from .world import DEFAULT_KB, generate_exam, load_kb, open_problem
+from .world import DEFAULT_KB, load_kb
+from .world_exam import generate_exam, open_problem
 from .world_eval import world_verifier
 
 VARIANTS = {"direct": "sft_direct.jsonl", "simple": "sft_simple_cot.jsonl", "complex": "sft.jsonl"}

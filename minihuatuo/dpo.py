@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_model
 from .config import add_config_args, build_config
-from .formats import X_KEY, Y_KEY, FormatError, JsonlAppender, read_problems, read_records
+from .formats import X_KEY, Y_KEY, read_problems
 from .ppo import learning_rate
 from .ppo_train import add_verifier_args, encode_prompt, in_chunks, verifier_from_args
+from .records import FormatError, JsonlAppender, read_records
 from .reward import RewardConfig, rewards
 from .rl import Rollout, masks_from_last, response_logprobs, rollout
 from .sample import left_pad

@@ -27,7 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .formats import FormatError, JsonlAppender, MCQItem, read_mcq, read_records
+from .formats import MCQItem, read_mcq
+from .records import FormatError, JsonlAppender, read_records
 
 # Our wording (the official prompts are not copied). {context} is empty or "Context: ...\n\n".
 FREE_PROMPT = ("Here is a multiple-choice question. Work through it, then tell me which option you pick.\n\n"

@@ -26,7 +26,8 @@ import sys
 from dataclasses import dataclass
 
 from .backends import ChatRequest
-from .formats import X_KEY, Y_KEY, FormatError, JsonlAppender, MCQItem, read_records
+from .formats import X_KEY, Y_KEY, MCQItem
+from .records import FormatError, JsonlAppender, read_records
 
 TOO_EASY_PROMPT = """Answer this multiple-choice exam question.
 

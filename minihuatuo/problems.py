@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends import ChatRequest
-from .formats import JsonlAppender, MCQItem, VerifiableProblem, write_problems
+from .formats import MCQItem, VerifiableProblem, write_problems
 from .problem_prompts import (TOO_LONG, Asker, Prompts, ReplyError, ask_with_retries, parse_problem_json,
                               parse_verdict, render)
 from .problem_rules import NotReformulatable, reformat_offline, rule_filter
+from .records import JsonlAppender
 
 REFORMATTERS = ("auto", "llm", "offline", "hybrid")
 

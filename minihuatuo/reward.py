@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .formats import FormatError, read_records
+from .records import FormatError, read_records
 
 THINKING, FINAL = "## Thinking", "## Final Response"
 

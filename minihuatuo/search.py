@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from .backends import ChatRequest
-from .formats import FormatError, JsonlAppender, VerifiableProblem, read_records
+from .formats import VerifiableProblem
+from .records import FormatError, JsonlAppender, read_records
 from .search_prompts import (STRATEGIES, ReplyError, SearchPrompts, parse_cot, parse_natural_reasoning,
                              parse_response, render)
 from .search_reformat import (HINT, INIT, conclusion, long_cot, previous_reasoning, simple_cot, stream_of_search,

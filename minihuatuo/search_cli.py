@@ -24,7 +24,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .formats import X_KEY, Y_KEY, FormatError, problem_from_record, read_records, write_records
+from .formats import X_KEY, Y_KEY, problem_from_record
+from .records import FormatError, read_records, write_records
 from .search import SearchConfig, run_search
 from .search_prompts import STRATEGIES, SearchPrompts, load_search_prompts
 from .search_reformat import HINT, simple_cot

@@ -21,7 +21,8 @@ from .problem_prompts import render as render_mcq_prompt
 from .search_prompts import ReplyError, SearchPrompts, parse_cot, render
 from .verifier import RuleVerifier
 from .verifier_text import load_aliases
-from .world import DEFAULT_KB, generate_exam, load_kb, open_problem, write_aliases
+from .world import DEFAULT_KB, load_kb, write_aliases
+from .world_exam import generate_exam, open_problem
 
 MODES = ("direct", "cot", "mcq")
 MAX_TOKENS = {"direct": 384, "cot": 384, "mcq": 64}

@@ -42,7 +42,8 @@ from .problem_prompts import TOO_EASY_PROMPT
 from .search_prompts import SearchPrompts
 from .sft import learning_rate, param_groups
 from .tokenizer import ChatTemplate
-from .world import DEFAULT_KB, WORLD_DIR, load_kb, write_exam
+from .world import DEFAULT_KB, WORLD_DIR, load_kb
+from .world_exam import write_exam
 from .world_text import CorpusConfig, build_corpus
 from .world_tutor import TutorConfig, cot_reply
 

@@ -24,7 +24,8 @@ from .evaluate import FREE_PROMPT, render_prompt
 from .problem_prompts import TOO_EASY_PROMPT
 from .problem_prompts import render as render_mcq_prompt
 from .search_prompts import SearchPrompts
-from .world import KB, generate_exam, join, open_problem, vignette_of
+from .world import KB, join
+from .world_exam import generate_exam, open_problem, vignette_of
 from .world_tutor import (TutorConfig, cap, chat, direct_exercise, init_exercise, mcq_reply,
                           refine_exercise)
 

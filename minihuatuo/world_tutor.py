@@ -27,7 +27,8 @@ from dataclasses import dataclass, field, replace
 from .search import allowed_strategies
 from .search_prompts import SearchPrompts, render
 from .search_reformat import INIT, conclusion, previous_reasoning, template_complex_cot
-from .world import KB, Vignette, context_sentence, distractors, join, person
+from .world import KB, Vignette, context_sentence, join, person
+from .world_exam import distractors
 
 ANSWER_SENTENCE = {
     "diagnosis": "The most likely diagnosis is {}.",
@@ -198,7 +199,7 @@ def init_actions(kb: KB, v: Vignette, a: Attempt, rng: random.Random, cfg: Tutor
 
 def fixed_mistakes(kb: KB, v: Vignette, prev: Attempt, new: Attempt) -> list[str]:
     """The mistakes of `prev` that `new` corrects, as a careful reader would state them."""
-    out, c = [], kb.by_id[v.condition]
+    out = []
     if prev.diagnosis != v.condition and new.diagnosis == v.condition:
         d = kb.by_id[prev.diagnosis]
         missing = [f for f in v.findings if f not in d.findings]

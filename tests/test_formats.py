@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from minihuatuo import formats as F
+from minihuatuo import records as R
 
 DEMO = Path(__file__).resolve().parents[2] / "shared" / "reference" / "medical_o1_demo_150.json"
 
@@ -119,7 +120,7 @@ def test_errors_name_file_line_and_field(tmp_path):
         F.read_mcq(f)
     f.write_text('{"a": 1}\n[1, 2]\n')
     with pytest.raises(ValueError, match=r"x.jsonl: line 2: expected a JSON object, got list"):
-        F.read_records(f)
+        R.read_records(f)
 
 
 def test_json_list_errors_give_the_items_line(tmp_path):
@@ -132,12 +133,12 @@ def test_json_list_errors_give_the_items_line(tmp_path):
         F.read_problems(f)
     f.write_text('[\n  {"a": 1},\n  {"a": 2,}\n]')
     with pytest.raises(ValueError, match=r"p.json: line 3: invalid JSON"):
-        F.read_records(f)
+        R.read_records(f)
     f.write_text('{"a": 1}\n{"a": 2}\n')
     with pytest.raises(ValueError, match=r"p.json: line 2: invalid JSON \(extra data .* named \*\.jsonl\)"):
-        F.read_records(f)
+        R.read_records(f)
     renamed = f.rename(tmp_path / "p.txt")  # an unknown suffix: several objects mean JSONL
-    assert [r.data for r in F.read_records(renamed)] == [{"a": 1}, {"a": 2}]
+    assert [r.data for r in R.read_records(renamed)] == [{"a": 1}, {"a": 2}]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
@@ -152,7 +153,7 @@ def test_official_formats_round_trip_unchanged(tmp_path, suffix):
         src = write_jsonl(tmp_path / f"{name}_in.jsonl", rows)
         out = tmp_path / f"{name}_out{suffix}"
         write(out, read(src))
-        back = [r.data for r in F.read_records(out)]
+        back = [r.data for r in R.read_records(out)]
         assert back == rows and [list(r) for r in back] == [list(r) for r in rows]  # values and key order
     p = F.read_problems(tmp_path / "p_in.jsonl")[0]
     assert (p.x, p.y_star, p.extra) == ("Which virus?", "Parvovirus B19", {"id": 3, "source": "MedQA"})
@@ -165,16 +166,16 @@ def test_official_formats_round_trip_unchanged(tmp_path, suffix):
 
 def test_jsonl_appender_flushes_and_drops_a_cut_line(tmp_path, capsys):
     f = tmp_path / "out.jsonl"
-    with F.JsonlAppender(f) as out:
+    with R.JsonlAppender(f) as out:
         out.write({"id": "a", "output": "x"})
         assert json.loads(f.read_text()) == {"id": "a", "output": "x"}  # on disk before close
     with open(f, "a") as raw:
         raw.write('{"id": "b", "outp')  # a crash in the middle of a line
-    with F.JsonlAppender(f) as out:
+    with R.JsonlAppender(f) as out:
         out.write({"id": "c", "output": "é\u2028\x85\r"})  # line separators other than \n stay inside
     assert "incomplete last line" in capsys.readouterr().err
-    assert [r.data["id"] for r in F.read_records(f)] == ["a", "c"]
-    assert F.read_records(f)[1].data["output"] == "é\u2028\x85\r"
+    assert [r.data["id"] for r in R.read_records(f)] == ["a", "c"]
+    assert R.read_records(f)[1].data["output"] == "é\u2028\x85\r"
 
 
 @pytest.mark.skipif(not DEMO.exists(), reason="shared reference data absent")
@@ -191,7 +192,7 @@ def test_real_demo_file_parses_in_all_three_formats(tmp_path):
     for write, items in ((F.write_problems, problems), (F.write_sft, sft), (F.write_mcq, mcq)):
         out = tmp_path / "out.jsonl"
         write(out, items)
-        back = [r.data for r in F.read_records(out)]
+        back = [r.data for r in R.read_records(out)]
         if write is F.write_mcq:
             assert F.read_mcq(out) == mcq
         else:

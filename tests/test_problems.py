@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from minihuatuo.formats import X_KEY, Y_KEY, MCQItem, read_problems, read_records
+from minihuatuo.formats import X_KEY, Y_KEY, MCQItem, read_problems
 from minihuatuo.problem_prompts import (Asker, Prompts, ReplyError, load_prompts, parse_problem_json, parse_verdict,
                                         render)
 from minihuatuo.problem_rules import (NotReformulatable, aggregate_option, is_combination, multiple_correct,
                                      negative_question, reformat_offline, rule_filter, singular)
 from minihuatuo.problems import (ProblemsConfig, build_problems, llm_filter, reformat_items, split_problems,
                                  too_easy_filter)
+from minihuatuo.records import read_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEMO = SHARED / "reference" / "medical_o1_demo_150.json"

@@ -10,7 +10,8 @@ import torch
 
 from minihuatuo import cli, dpo, grpo, rloo
 from minihuatuo.checkpoint import load_model
-from minihuatuo.formats import FormatError, read_problems
+from minihuatuo.formats import read_problems
+from minihuatuo.records import FormatError
 from minihuatuo.reward import RewardConfig, extract_final_response
 from minihuatuo.tokenizer import Tokenizer
 from minihuatuo.verifier import ExactMatchVerifier, exact_match

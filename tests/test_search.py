@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from minihuatuo.backends import Completion
-from minihuatuo.formats import VerifiableProblem, read_records, read_sft
+from minihuatuo.formats import VerifiableProblem, read_sft
+from minihuatuo.records import read_records
 from minihuatuo.search import FAILURE_REASONS, SearchConfig, allowed_strategies, problem_ids, run_search
 from minihuatuo.search_cli import summarize, write_outputs
 from minihuatuo.search_prompts import (STRATEGIES, STRATEGY_INSTRUCTIONS, ReplyError, SearchPrompts,

@@ -15,8 +15,9 @@ import pytest
 from minihuatuo.formats import read_mcq, read_problems
 from minihuatuo.search_prompts import STRATEGIES, parse_cot
 from minihuatuo.verifier_text import load_aliases
-from minihuatuo.world import (DEFAULT_ALIASES, DEFAULT_KB, KBError, Vignette, generate_exam, heldout_combination,
-                              join, load_kb, names_overlap, open_problem, sample_vignettes, vignette_of, write_aliases)
+from minihuatuo.world import DEFAULT_ALIASES, DEFAULT_KB, KBError, Vignette, join, load_kb, write_aliases
+from minihuatuo.world_exam import (generate_exam, heldout_combination, names_overlap, open_problem, sample_vignettes,
+                                   vignette_of)
 from minihuatuo.world_eval import grade, world_verifier
 from minihuatuo.world_tutor import (Attempt, TutorConfig, first_attempt, init_actions, init_exercise,
                                     refine_exercise)
@@ -320,6 +321,14 @@ def test_shipped_base_model_matches_the_current_prompts(kb):
     assert not stale, f"the prompts changed since data/world/base was trained (rerun world pretrain): {stale}"
     summary = json.loads((BASE / "pretrain.json").read_text())
     assert summary["parameters"] < 5_000_000
+    # the recorded command regenerates it: every setting but the thread count is today's default
+    from dataclasses import asdict
+
+    from minihuatuo.world_pretrain import PretrainConfig
+
+    recorded = {k: v for k, v in summary["config"].items() if k != "threads"}
+    defaults = {k: v for k, v in asdict(PretrainConfig()).items() if k != "threads"}
+    assert recorded == defaults, {k: (recorded.get(k), defaults.get(k)) for k in defaults if recorded.get(k) != defaults[k]}
 
 
 def test_direct_exercise_is_think_then_answer_with_the_tutors_conclusion(kb, verifier):

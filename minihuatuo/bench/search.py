@@ -25,7 +25,8 @@ def main(argv=None) -> int:
 
     from minihuatuo.backends import LocalBackend
     from minihuatuo.search import SearchConfig, run_search
-    from minihuatuo.world import WORLD_DIR, generate_exam, load_kb, open_problem
+    from minihuatuo.world import WORLD_DIR, load_kb
+    from minihuatuo.world_exam import generate_exam, open_problem
     from minihuatuo.world_eval import world_verifier
 
     p = argparse.ArgumentParser(prog="python -m minihuatuo.bench search", description=__doc__.splitlines()[0])
