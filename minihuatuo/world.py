@@ -110,6 +110,10 @@ def _line_of(text: str, needle: str) -> int | None:
 def load_kb(path=DEFAULT_KB) -> KB:
     """Read and validate a knowledge base (format: data/world/kb.json, described in notes/world.md)."""
     path = Path(path)
+    if not path.is_file():
+        hint = (" (the bundled world lives in the repository's data/ folder, next to the package: install "
+                "from a clone with `pip install -e .`, as README says)") if path == DEFAULT_KB else ""
+        raise KBError(f"{path}: no such file{hint}")
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)

@@ -97,6 +97,8 @@ def test_load_kb_names_file_line_and_field(raw, tmp_path):
     path.write_text(json.dumps(ambiguous, indent=1), encoding="utf-8")
     with pytest.raises(KBError, match="also fit"):
         load_kb(path)
+    with pytest.raises(KBError, match=r"missing\.json: no such file"):
+        load_kb(tmp_path / "missing.json")
 
 
 # ----------------------------------------------------------------------------- exam generator
