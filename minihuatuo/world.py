@@ -1,4 +1,4 @@
-"""The bundled offline clinical world (issue 8): a knowledge base and a seeded exam generator.
+"""The bundled offline clinical world (issue 8): its knowledge base, and the vignettes built on it.
 
 No real model weights or data sets can be downloaded where the demo runs, so the repository ships
 a small, self-consistent world written for this project (data/world/kb.json; simplified teaching

@@ -330,7 +330,8 @@ def test_shipped_base_model_matches_the_current_prompts(kb):
 
     recorded = {k: v for k, v in summary["config"].items() if k != "threads"}
     defaults = {k: v for k, v in asdict(PretrainConfig()).items() if k != "threads"}
-    assert recorded == defaults, {k: (recorded.get(k), defaults.get(k)) for k in defaults if recorded.get(k) != defaults[k]}
+    assert recorded == defaults, {k: (recorded.get(k), defaults.get(k))
+                                  for k in recorded.keys() | defaults.keys() if recorded.get(k) != defaults.get(k)}
 
 
 def test_direct_exercise_is_think_then_answer_with_the_tutors_conclusion(kb, verifier):
