@@ -110,6 +110,10 @@ class SFTExample:
         return _ordered({**values, **self.extra}, self.key_order)
 
 
+# ---------------------------------------------------------------------------------------------------
+# reading the fields of a record
+
+
 def _str_field(path, rec: Record, name: str, optional: bool = False):
     if name not in rec.data:
         if optional:
