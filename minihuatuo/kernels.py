@@ -14,8 +14,8 @@ version, which is also the fallback) within the tolerances that tests/test_kerne
 Which path runs: for CUDA tensors the CUDA kernels, for CPU tensors the C++ kernels (OpenMP), built
 from the sources in kernels/ on first use with torch.utils.cpp_extension and cached (under
 $TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). Anything else — no compiler, no
-ninja, a torch without CUDA for CUDA tensors, an install without the kernels/ sources (a
-non-editable pip install), a dtype the kernels do not take (float64; float16 on CPU) — runs the
+ninja, a torch without CUDA for CUDA tensors, no kernel sources (neither kernels/ next to the
+package nor share/minihuatuo/kernels of an install: paths.py), a dtype the kernels do not take (float64; float16 on CPU) — runs the
 reference. The path taken is said once per device type on stderr. `force_reference = True` (or
 MINIHUATUO_KERNELS=reference in the environment) forces the reference everywhere.
 """
@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 
 from . import reference_kernels as ref
+from .paths import bundled
 
 force_reference: bool = os.environ.get("MINIHUATUO_KERNELS", "").lower() in ("reference", "off", "0")
 
-SOURCE_DIR = Path(__file__).resolve().parents[1] / "kernels"  # present in a source checkout / editable install
+SOURCE_DIR = bundled("kernels")  # a source checkout / editable install, or share/minihuatuo/ of an install
 CPU_SOURCES = ["torch_binding.cpp", "cpu/rmsnorm.cpp", "cpu/swiglu.cpp", "cpu/rope.cpp", "cpu/logprob.cpp"]
 CUDA_SOURCES = ["cuda/rmsnorm.cu", "cuda/swiglu.cu", "cuda/rope.cu", "cuda/logprob.cu"]
 CHUNK_BYTES = 128 * 2**20  # logits of one chunk of the fused LM head (fp32): 128 MiB = 261 rows at V = 128K
@@ -79,7 +80,7 @@ def _build(with_cuda: bool):
     """The compiled extension (CPU kernels, plus CUDA kernels if with_cuda), or None with the reason said."""
     device_type = "cuda" if with_cuda else "cpu"
     if not all((SOURCE_DIR / s).is_file() for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])):
-        _say_once(device_type, f"PyTorch reference (kernel sources not found in {SOURCE_DIR}: not a source checkout)")
+        _say_once(device_type, f"PyTorch reference (kernel sources not found in {SOURCE_DIR})")
         return None
     try:
         from torch.utils import cpp_extension

@@ -186,10 +186,13 @@ class JsonlAppender:
                 out.write(r)
 
     A line cut short by a crash (no final newline) is removed on open, with a note on stderr:
-    it is a record that was never completely written, and the rerun redoes it."""
+    it is a record that was never completely written, and the rerun redoes it. `durable=True` also
+    fsyncs each record, so that after a power cut or kill -9 a finished record is on disk (search:
+    each line is minutes of LLM calls)."""
 
-    def __init__(self, path):
+    def __init__(self, path, durable: bool = False):
         self.path = Path(path)
+        self.durable = durable
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_partial_line()
         self._f = open(self.path, "a", encoding="utf-8")
@@ -208,6 +211,8 @@ class JsonlAppender:
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._f.flush()
+        if self.durable:
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
         self._f.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import position_ids_from_mask
+from .masks import position_ids_from_mask
 from .sample import SamplingConfig, generate
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kv_cache import KVCache
-from .model import position_ids_from_mask
+from .masks import position_ids_from_mask
 
 
 @dataclass

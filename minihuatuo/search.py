@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -300,14 +299,6 @@ def fit(backend, r: ChatRequest) -> ChatRequest | None:
     return r if room >= r.max_tokens else dataclasses.replace(r, max_tokens=1 << (room.bit_length() - 1))
 
 
-class DurableAppender(JsonlAppender):
-    """JsonlAppender + fsync per record: after a power cut or kill -9 a finished problem is on disk."""
-
-    def write(self, record: dict) -> None:
-        super().write(record)
-        os.fsync(self._f.fileno())
-
-
 def read_done(path: Path) -> dict[str, dict]:
     done = {}
     for rec in read_records(path) if path.exists() else []:
@@ -347,7 +338,7 @@ def run_search(problems: list[VerifiableProblem], backend, verifier, out_dir, cf
     check_config(out, cfg)
     ctx = Context(cfg, prompts or SearchPrompts(), count_tokens or estimate_tokens)
     ids = problem_ids(problems)
-    log = DurableAppender(out / "search.jsonl")  # opened first: it drops a line cut short by a crash
+    log = JsonlAppender(out / "search.jsonl", durable=True)  # opened first: it drops a line cut short by a crash
     done = read_done(out / "search.jsonl")
     todo = iter([(pid, p) for pid, p in zip(ids, problems) if pid not in done])
     active: dict[str, tuple] = {}  # pid -> (generator, its pending Ask or Check)

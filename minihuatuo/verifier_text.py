@@ -24,7 +24,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_ALIASES = Path(__file__).resolve().parent.parent / "data" / "aliases.tsv"
+from .paths import bundled
+
+DEFAULT_ALIASES = bundled("data/aliases.tsv")
 # Function words: never content, never glued into a compound.
 STOPWORDS = {"of", "in", "on", "at", "to", "for", "with", "by", "from", "and", "or", "is", "are", "be", "was",
              "were", "that", "which", "this", "these", "those", "as", "it", "its", "into", "during", "per",

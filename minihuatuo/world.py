@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 
-WORLD_DIR = Path(__file__).resolve().parent.parent / "data" / "world"
+from .paths import bundled
+
+WORLD_DIR = bundled("data/world")
 DEFAULT_KB = WORLD_DIR / "kb.json"
 DEFAULT_ALIASES = WORLD_DIR / "aliases.tsv"
 QTYPES = ("diagnosis", "investigation", "treatment", "complication")
@@ -111,8 +113,8 @@ def load_kb(path=DEFAULT_KB) -> KB:
     """Read and validate a knowledge base (format: data/world/kb.json, described in notes/world.md)."""
     path = Path(path)
     if not path.is_file():
-        hint = (" (the bundled world lives in the repository's data/ folder, next to the package: install "
-                "from a clone with `pip install -e .`, as README says)") if path == DEFAULT_KB else ""
+        hint = (" (the bundled world is the repository's data/ folder, or share/minihuatuo/data of an "
+                "install: reinstall from a clone, `pip install -e .` as README says)") if path == DEFAULT_KB else ""
         raise KBError(f"{path}: no such file{hint}")
     text = path.read_text(encoding="utf-8")
     try:

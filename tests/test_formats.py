@@ -178,6 +178,18 @@ def test_jsonl_appender_flushes_and_drops_a_cut_line(tmp_path, capsys):
     assert R.read_records(f)[1].data["output"] == "é\u2028\x85\r"
 
 
+def test_a_durable_appender_fsyncs_each_record_of_its_own_file(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(R.os, "fsync", lambda fd: synced.append(fd))
+    with R.JsonlAppender(tmp_path / "plain.jsonl") as out:
+        out.write({"id": "a"})
+    assert synced == []
+    with R.JsonlAppender(tmp_path / "search.jsonl", durable=True) as out:
+        out.write({"id": "a"})
+        out.write({"id": "b"})
+        assert synced == [out._f.fileno()] * 2
+
+
 @pytest.mark.skipif(not DEMO.exists(), reason="shared reference data absent")
 def test_real_demo_file_parses_in_all_three_formats(tmp_path):
     raw = json.loads(DEMO.read_text(encoding="utf-8"))
