@@ -12,10 +12,10 @@ Every function computes what its namesake in `reference_kernels` computes (the r
 version, which is also the fallback) within the tolerances that tests/test_kernels.py states.
 
 Which path runs: for CUDA tensors the CUDA kernels, for CPU tensors the C++ kernels (OpenMP), built
-from the sources in kernels/ on first use with torch.utils.cpp_extension and cached (under
-$TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions). Anything else — no compiler, no
-ninja, a torch without CUDA for CUDA tensors, no kernel sources (neither kernels/ next to the
-package nor share/minihuatuo/kernels of an install: paths.py), a dtype the kernels do not take (float64; float16 on CPU) — runs the
+from the sources in kernels/ (or share/minihuatuo/kernels of an install: paths.py) on first use with
+torch.utils.cpp_extension and cached (under $TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions). Anything else — no compiler, no ninja, a torch without CUDA for CUDA
+tensors, no kernel sources, a dtype the kernels do not take (float64; float16 on CPU) — runs the
 reference. The path taken is said once per device type on stderr. `force_reference = True` (or
 MINIHUATUO_KERNELS=reference in the environment) forces the reference everywhere.
 """
@@ -36,7 +36,7 @@ from .paths import bundled
 
 force_reference: bool = os.environ.get("MINIHUATUO_KERNELS", "").lower() in ("reference", "off", "0")
 
-SOURCE_DIR = bundled("kernels")  # a source checkout / editable install, or share/minihuatuo/ of an install
+SOURCE_DIR = bundled("kernels")
 CPU_SOURCES = ["torch_binding.cpp", "cpu/rmsnorm.cpp", "cpu/swiglu.cpp", "cpu/rope.cpp", "cpu/logprob.cpp"]
 CUDA_SOURCES = ["cuda/rmsnorm.cu", "cuda/swiglu.cu", "cuda/rope.cu", "cuda/logprob.cu"]
 CHUNK_BYTES = 128 * 2**20  # logits of one chunk of the fused LM head (fp32): 128 MiB = 261 rows at V = 128K
