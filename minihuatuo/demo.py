@@ -40,7 +40,7 @@ from .evaluate import FREE_PROMPT, extract_choice, final_response, render_prompt
 from .formats import write_problems
 from .problems import ProblemsConfig, build_problems
 from .world import DEFAULT_KB, WORLD_DIR, load_kb
-from .world_exam import generate_exam, open_problem
+from .world_exam import ExamConfig, generate_exam, open_problem
 from .world_eval import world_verifier
 
 
@@ -51,9 +51,15 @@ class DemoConfig:
 
     seed: int = 0  # one seed for everything random: exam draw, split, search, SFT order, PPO
     base: str = str(WORLD_DIR / "base")  # the pretrained stand-in for an instruct LLM
-    n_train: int = 1200  # training MCQs generated; the too-easy filter keeps about 60%
+    n_train: int = 1200  # training MCQs generated; the too-easy filter keeps about two thirds
     n_heldout: int = 300  # held-out problems (new combinations of findings), graded for each model
     heldout_seed: int = 1000  # fixed apart from `seed`, so that seeds differ in training only
+    # P(a treatment question's named context rules out the first-line drug), in the *training* exam
+    # only (world_exam.ExamConfig.contraindicated; the held-out exam keeps 0.6). The too-easy filter
+    # keeps nearly every contraindicated question and drops about half of those with a harmless
+    # context, so on D_RL "a named context means the alternative" is right 3 times in 4. 0.4 evens
+    # that out, but its SFT models were weaker and PPO from them less stable (notes/demo.md §7).
+    train_contraindicated: float = 0.6
     search_fraction: float = 0.5  # D_search vs D_RL (paper §4.1: 20K / 20K)
     # stage 1: search (search.py; the base model is the search LLM, the template reformatter writes ê)
     max_depth: int = 3  # N
@@ -65,10 +71,16 @@ class DemoConfig:
     sft_batch: int = 16
     sft_max_length: int = 1024  # the model's context: no searched trajectory is cut before its answer
     # stage 2: PPO (ppo_train.py, preset tiny-world)
-    ppo_updates: int = 24
+    # 48 × 48 rollouts: after 24, PPO from the 2,000-step base model had over-applied the
+    # contraindication check or dropped it; 48 gained 2-13 points more (notes/demo.md §7)
+    ppo_updates: int = 48
     ppo_batch: int = 48
     ppo_micro_batch: int = 16  # rows per forward; rows of similar length together, cut to their longest
     ppo_lr: float = 2e-4
+    # linear warmup over ceil(ratio · updates) updates, the first at lr 0 (ppo.py; official 0.05 of
+    # ~160 updates). 0: the shipped SFT models take the full rate at once; where one did not, a warmup
+    # only delayed the collapse (notes/demo.md §7)
+    ppo_warmup_ratio: float = 0.0
     ppo_epochs: int = 1
     ppo_beta: float = 0.03  # paper §4.1
     ppo_temperature: float = 0.7  # rollouts (and their log-probs); 1.0 gave mostly unfinished replies
@@ -153,8 +165,8 @@ def reinforce(cfg: DemoConfig, policy_dir, rl_path: Path, out: Path, verifier, r
 
     ppo_cfg = replace(PPO_PRESETS["tiny-world"], seed=cfg.seed, batch_size=cfg.ppo_batch,
                       micro_batch_size=cfg.ppo_micro_batch, total_episodes=cfg.ppo_updates * cfg.ppo_batch,
-                      lr=cfg.ppo_lr, ppo_epochs=cfg.ppo_epochs, beta=cfg.ppo_beta,
-                      response_length=cfg.response_length, temperature=cfg.ppo_temperature,
+                      lr=cfg.ppo_lr, warmup_ratio=cfg.ppo_warmup_ratio, ppo_epochs=cfg.ppo_epochs,
+                      beta=cfg.ppo_beta, response_length=cfg.response_length, temperature=cfg.ppo_temperature,
                       value_head=cfg.ppo_value_head, vf_coef=cfg.ppo_vf_coef, lam=cfg.ppo_lam, save_every=0)
     train_ppo(ppo_cfg, policy_dir, rl_path, out, verifier, reward_cfg=RewardConfig(require_thinking=require_thinking))
     return out / "final" / "policy"
@@ -220,7 +232,8 @@ def run_demo(cfg: DemoConfig, out_dir) -> dict:
     t0 = time.perf_counter()
     kb = load_kb(DEFAULT_KB)
     verifier = world_verifier(kb)
-    train_items = generate_exam(kb, "train", cfg.n_train, cfg.seed)
+    train_items = generate_exam(kb, "train", cfg.n_train, cfg.seed,
+                                ExamConfig(contraindicated=cfg.train_contraindicated))
     heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
     problems = [open_problem(it) for it in heldout]
     write_problems(out / "heldout.json", problems)

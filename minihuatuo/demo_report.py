@@ -1,5 +1,5 @@
 """What `minihuatuo demo` shows a learner: the results table, real example trajectories and answers,
-and the plots (PNG with matplotlib, the optional `plots` extra; CSV always)."""
+and the plots (PNG when matplotlib is installed: `pip install matplotlib`; CSV always)."""
 from __future__ import annotations
 
 import csv

@@ -80,3 +80,42 @@ def test_demo_refuses_to_mix_runs(quick_run):
     r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "already holds a demo run" in r.stderr
+
+
+def test_demo_settings_reach_the_training_exam_and_ppo(monkeypatch, tmp_path):
+    """`train_contraindicated` shapes the training exam only (the held-out exam keeps its mix), and the
+    PPO settings reach ppo_train; the stages themselves are replaced here (control flow only)."""
+    import minihuatuo.ppo_train as ppo_train
+    from minihuatuo import demo
+    from minihuatuo.world import DEFAULT_KB, load_kb
+
+    kb = load_kb(DEFAULT_KB)
+    seen = {}
+
+    def stop_after_exam(cfg, out, train_items, verifier, timings):
+        seen["train"] = train_items
+        raise KeyboardInterrupt  # nothing after the exam is needed
+
+    monkeypatch.setattr(demo, "huatuo_o1", stop_after_exam)
+    for p in (0.0, 1.0):
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(demo.DemoConfig(n_train=200, train_contraindicated=p), tmp_path / f"p{p}")
+        treat = [it.extra["world"] for it in seen["train"] if it.extra["world"]["qtype"] == "treatment"]
+        with_context = [w for w in treat if w["context"]]
+        assert len(with_context) > 20
+        # p = 0: a named context rules the first-line drug out only where no harmless one fits the
+        # patient; p = 1: every named context does
+        n = sum(w["contraindicated"] for w in with_context)
+        assert (n < 0.1 * len(with_context)) if p == 0.0 else (n == len(with_context)), (p, n, len(with_context))
+        held = json.loads((tmp_path / f"p{p}" / "heldout.json").read_text(encoding="utf-8"))
+        assert len(held) == 300
+
+    def fake_train(cfg, policy_dir, rl_path, out, verifier, reward_cfg):
+        seen["ppo"] = cfg
+
+    monkeypatch.setattr(ppo_train, "train", fake_train)
+    cfg = demo.DemoConfig(ppo_updates=5, ppo_batch=8, ppo_warmup_ratio=0.2, ppo_lr=1e-4)
+    policy = demo.reinforce(cfg, tmp_path, tmp_path / "rl.json", tmp_path / "ppo", None)
+    assert policy == tmp_path / "ppo" / "final" / "policy"
+    ppo = seen["ppo"]
+    assert (ppo.total_episodes, ppo.batch_size, ppo.warmup_ratio, ppo.lr) == (40, 8, 0.2, 1e-4)

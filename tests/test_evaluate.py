@@ -169,7 +169,6 @@ def test_cli_errors(tmp_path):
 
 
 def test_cli_generates_with_a_local_model_then_resumes(tmp_path, tiny_checkpoint):
-    pytest.importorskip("minihuatuo.backends").LocalBackend  # noqa: B018 (written concurrently)
     data, _ = write_eval_files(tmp_path)
     outputs = tmp_path / "gen.jsonl"
     args = ["eval", "--data", str(data), "--outputs", str(outputs), "--model", str(tiny_checkpoint),

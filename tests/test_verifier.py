@@ -260,10 +260,9 @@ def test_user_prompt_file(tmp_path):
 def test_llm_judge_over_a_local_checkpoint(tiny_checkpoint, tmp_path):
     """The product path with a real backend: our model and sampler answer the judge prompt. A
     random tiny model does not say "True", so every verdict is False, in one batched call."""
-    backends = pytest.importorskip("minihuatuo.backends")
-    if not hasattr(backends, "LocalBackend"):
-        pytest.skip("LocalBackend not available")
-    backend = backends.LocalBackend.from_dir(tiny_checkpoint)
+    from minihuatuo.backends import LocalBackend
+
+    backend = LocalBackend.from_dir(tiny_checkpoint)
     calls = []
     complete = backend.complete
     backend.complete = lambda reqs: calls.append(len(reqs)) or complete(reqs)

@@ -255,6 +255,7 @@ def test_corpus_never_shows_a_heldout_combination(kb):
                                          refine_exercises=150, direct_exercises=150, mcq_exercises=50,
                                          free_mcq_exercises=50))
     text = "\n".join(m["content"] for _, d in docs for m in d)
+    assert text.count("presents with ") > 300  # the stems are worded as searched for below
     for c in kb.conditions:
         for order in permutations(sorted(heldout_combination(kb, c))):
             assert f"presents with {join(order)}." not in text
@@ -308,9 +309,19 @@ def test_world_eval_runs_on_a_checkpoint(tiny_world):
     from minihuatuo.world_eval import evaluate_base
 
     report = evaluate_base(tiny_world, n=3, batch_size=3)
+    kb = load_kb(DEFAULT_KB)
+    items = generate_exam(kb, "heldout", 3, 0)  # what evaluate_base drew (n=3, seed 0)
+    verifier = world_verifier(kb)
     for mode in ("direct", "cot", "mcq"):
         r = report["modes"][mode]
-        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["readable"] <= 1.0 and r["by"]["hops=1"]["n"] >= 0
+        assert [e["question"] for e in r["examples"]] == [open_problem(it).x for it in items]
+        # with n = 3 the examples are every graded reply: grading them again gives the report's numbers
+        graded = [grade(mode, e["reply"], it, open_problem(it), verifier) for e, it in zip(r["examples"], items)]
+        assert r["accuracy"] == sum(ok for ok, _ in graded) / 3 and r["readable"] == sum(rd for _, rd in graded) / 3
+        for prefix in ("qtype=", "hops=", "contraindicated="):  # each grouping partitions the 3 questions
+            groups = {k: v for k, v in r["by"].items() if k.startswith(prefix)}
+            assert sum(v["n"] for v in groups.values()) == 3
+            assert round(sum(v["accuracy"] * v["n"] for v in groups.values())) == round(r["accuracy"] * 3)
 
 
 @pytest.mark.skipif(not (BASE / "model.safetensors").exists(), reason="no shipped base model")

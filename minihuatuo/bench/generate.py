@@ -10,9 +10,9 @@ The bound: at batch 1 every decoded token must stream every weight matrix from m
 time of one pass of GEMVs (F.linear with a single row) over all of the model's matrices is the
 fastest a token can be produced; `of_bound` is the fraction of it our batch-1 decode reaches.
 
-transformers is the baseline here and nowhere else in the package; it is imported only inside this
-benchmark (the `dev` extra installs it). It is configured at its best: attention mask and pad id
-given, EOS disabled so both sides decode exactly N tokens, static inputs, no sampling.
+transformers is the baseline here (and in bench/sft.py) and nowhere else in the package; it is
+imported only inside the benchmarks' baseline functions (the `dev` extra installs it). It is
+configured at its best: attention mask and pad id given, EOS disabled so both sides decode exactly N tokens, static inputs, no sampling.
 """
 from __future__ import annotations
 
