@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -344,12 +345,16 @@ def test_server_rejects_bad_requests_naming_the_field(start_server):
     assert post(url, {**ok, "extra_field": 1, "user": "u"})[0] == 200  # unknown fields are ignored
 
 
-def test_cli_serve_answers_over_http(ckpt, local):
-    """`minihuatuo serve --port 0` as a user runs it: prints its URL, answers, stops on Ctrl-C."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_cli_serve_answers_over_http(ckpt, local, stop):
+    """`minihuatuo serve --port 0` as a user runs it: prints its URL, answers, stops on Ctrl-C (SIGINT)
+    or SIGTERM. It is started with SIGINT ignored, as a background job of a non-interactive shell
+    inherits it: Ctrl-C must stop it all the same."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "minihuatuo", "serve", "--model", str(ckpt), "--port", "0",
                              "--served-model-name", "tiny-cli", "--device", "cpu"],
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline, url = time.time() + 60, None
         while url is None and time.time() < deadline:
@@ -361,7 +366,7 @@ def test_cli_serve_answers_over_http(ckpt, local):
         r = ChatRequest(chat(QUESTIONS[3]), max_tokens=12)
         assert OpenAIBackend(url, "tiny-cli", api_key_env=None).complete([r]) == local.complete([r])
     finally:
-        proc.send_signal(2)  # SIGINT, as Ctrl-C
+        proc.send_signal(stop)
         try:
             rc = proc.wait(timeout=20)
         except subprocess.TimeoutExpired:

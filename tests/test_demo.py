@@ -87,9 +87,7 @@ def test_demo_settings_reach_the_training_exam_and_ppo(monkeypatch, tmp_path):
     PPO settings reach ppo_train; the stages themselves are replaced here (control flow only)."""
     import minihuatuo.ppo_train as ppo_train
     from minihuatuo import demo
-    from minihuatuo.world import DEFAULT_KB, load_kb
 
-    kb = load_kb(DEFAULT_KB)
     seen = {}
 
     def stop_after_exam(cfg, out, train_items, verifier, timings):
