@@ -64,7 +64,8 @@ class PretrainConfig:
     num_attention_heads: int = 4
     context: int = 1024  # max_position_embeddings = training row length; the refine prompts need ~700
     vocab_size: int = 2048  # BPE vocabulary before the prompt-piece tokens are added
-    steps: int = 2000  # optimizer steps (1,000 learned the facts; 2,000 made the search and SFT better: notes/world.md §5)
+    # optimizer steps: 1,000 learned the facts; 2,000 made a better search LLM and SFT start (notes/world.md §5)
+    steps: int = 2000
     batch_size: int = 4  # rows of `context` tokens per step (more, smaller steps learned faster here)
     lr: float = 3e-3  # peak; a 2M-parameter model from scratch takes a large one
     warmup_ratio: float = 0.05

@@ -12,7 +12,8 @@ fastest a token can be produced; `of_bound` is the fraction of it our batch-1 de
 
 transformers is the baseline here (and in bench/sft.py) and nowhere else in the package; it is
 imported only inside the benchmarks' baseline functions (the `dev` extra installs it). It is
-configured at its best: attention mask and pad id given, EOS disabled so both sides decode exactly N tokens, static inputs, no sampling.
+configured at its best: attention mask and pad id given, EOS disabled so both sides decode exactly
+N tokens, static inputs, no sampling.
 """
 from __future__ import annotations
 
