@@ -341,10 +341,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # ----------------------------------------------------------------------------- CLI
-def _stop(signum, frame):
-    raise KeyboardInterrupt
-
-
 def cmd_serve(args) -> int:
     from .cli import DTYPES
 
@@ -355,11 +351,10 @@ def cmd_serve(args) -> int:
     server = ChatServer(backend, args.host, args.port, name, api_key_env=args.api_key_env,
                         default_max_tokens=args.default_max_tokens, fail_plan=args.fail_plan,
                         retry_after=args.retry_after, delay_s=args.delay_s)
-    # Ctrl-C (SIGINT) and SIGTERM stop the server the same way, whatever the shell set: a job started
-    # in the background of a non-interactive shell inherits SIGINT *ignored*, and then Ctrl-C from a
-    # supervisor (or a test) did nothing.
+    # Ctrl-C and SIGTERM both raise KeyboardInterrupt below, whatever the shell set: a background job
+    # of a non-interactive shell inherits SIGINT *ignored*, and Ctrl-C then did nothing.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _stop)
+        signal.signal(sig, signal.default_int_handler)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key_env:
         print(f"warning: serving on {args.host} without --api-key-env: anyone who can reach it can use it",
               file=sys.stderr)
