@@ -210,7 +210,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Transfor
 
 def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, copy_files_from=None) -> Path:
     """Write `model` as an HF checkpoint directory, atomically (see `atomic_dir`).
-    copy_files_from: a directory whose tokenizer / generation-config files are copied alongside."""
+    copy_files_from: a directory whose tokenizer / chat-template / generation-config files are copied alongside."""
     with atomic_dir(path) as tmp:
         write_model_files(model, tmp, max_shard_bytes, copy_files_from)
     return Path(path)
@@ -273,7 +273,10 @@ def write_model_files(model: Transformer, out: Path, max_shard_bytes: int = 5 * 
         with open(out / "model.safetensors.index.json", "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if copy_files_from is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        # chat_template.jinja: transformers >= 4.43 keeps the chat template there (and may leave it
+        # out of tokenizer_config.json); without it a saved chat model would lose its chat format.
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                     "chat_template.jinja"):
             src = Path(copy_files_from) / name
             if src.exists():
                 shutil.copy2(src, out / name)

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from .tokenizer import KINDS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
 
 
@@ -28,13 +30,18 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system message for the chat template")
+    p.add_argument("--chat-template", default=None, metavar="NAME", choices=KINDS,
+                   help=f"use this hand-written chat format ({', '.join(KINDS)}) instead of recognising "
+                        "the checkpoint's own template (needed when it has none or one we do not recognise)")
 
 
-def _load(args):
+def _load(args, chat: bool = True):
     from .checkpoint import load_model
     from .tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_dir(args.model)
+    tokenizer = Tokenizer.from_dir(args.model, chat_format=args.chat_template)
+    if chat and not tokenizer.has_chat_template:  # say so before the weights are read
+        raise ValueError(tokenizer.template_error)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
     return model, tokenizer
 
@@ -49,7 +56,7 @@ def _sampling(args, tokenizer):
 def cmd_generate(args) -> int:
     from .sample import generate
 
-    model, tokenizer = _load(args)
+    model, tokenizer = _load(args, chat=not args.raw)
     if args.raw:
         prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
     else:

@@ -48,7 +48,7 @@ class DPOConfig:
     response_length: int = 1300  # not stated: PPO's response length
     max_prompt_length: int = 1000  # prompts keep their FIRST max_prompt_length tokens (as PPO)
     temperature: float = 0.5  # sampling temperature; not stated: PPO's
-    early_stop: bool = True  # stop each row at its stop token (changes no kept token, saves time)
+    early_stop: bool = True  # stop each row at its stop token (saves time; same distribution, other draws: rl.rollout)
     sample_batch_size: int = 8  # problems per sampling call (× N rows); the call's seed fixes its samples
     pairs_per_problem: int = 1  # (verified, not verified) pairs kept per problem; 0 = all min(n_w, n_l) disjoint pairs
     beta: float = 1.0  # App. F "regularization parameter 1" (TRL's default is 0.1)

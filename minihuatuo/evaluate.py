@@ -15,8 +15,11 @@ and its refinements are ours, each listed in notes/eval.md. For an output (only 
                that always picks something (cfg.similarity_fallback=False turns it off).
 Like the official scorer, the first and the last match are both kept: "A is wrong, B too, so the
 answer is C" gives C / C at step 1, while "C or maybe D" gives C first, D last. Accuracy is reported
-for the first match, the last match, and the official figure: per source, the better of the two.
+for the first match, the last match, and, as the official scorer does, per source the better of the two.
 An item with no output, or an empty one, is wrong. The average is over sources, like Table 1.
+
+That cascade is the "strict" scorer (the default). `--scorer official` shows instead the official
+scorer reproduced exactly, quirks included (scorer_official.py); the report always holds both.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from .formats import MCQItem, read_mcq
 from .records import FormatError, JsonlAppender, read_records
+from .scorer_official import clean_output, official_choice
 
 # Our wording (the official prompts are not copied). {context} is empty or "Context: ...\n\n".
 FREE_PROMPT = ("Here is a multiple-choice question. Work through it, then tell me which option you pick.\n\n"
@@ -218,47 +222,96 @@ def generate_outputs(items: list[MCQItem], backend, outputs_path, cfg: EvalConfi
 # ---------------------------------------------------------------------------------------------------
 # scoring
 
-def score(items: list[MCQItem], outputs: dict[str, str], similarity_fallback: bool = True) -> dict:
-    """The report: per-source and average accuracies, counts, and per-item extracted letters."""
+SCORERS = ("strict", "official")
+STEPS = ("explicit", "letter", "text", "similar", "none")
+_ACC = ("acc_first", "acc_last", "acc_max")
+
+
+def _extract(scorer: str, output: str | None, options: dict[str, str], similarity_fallback: bool) -> Extraction:
+    if output is None:
+        return Extraction(None, None, "missing")
+    if scorer == "strict":
+        return extract_choice(output, options, similarity_fallback)
+    output = clean_output(output)
+    return Extraction(*official_choice(output, options)) if output else Extraction(None, None, "dropped")
+
+
+def score(items: list[MCQItem], outputs: dict[str, str], similarity_fallback: bool = True,
+          scorer: str = "strict") -> dict:
+    """The report, for both scorers (notes/eval.md "Report"): per source and per item, a "strict"
+    and an "official" entry; the flat keys beside them repeat the chosen `scorer`'s figures.
+    `similarity_fallback` applies to the strict scorer only (the official one always has step 4)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r} (expected one of {', '.join(SCORERS)})")
     per_item, sources = [], {}
     for it in items:
         out = outputs.get(it.id)
-        ex = (extract_choice(out, it.options, similarity_fallback) if out is not None
-              else Extraction(None, None, "missing"))
-        row = {"id": it.id, "source": it.source, "answer_idx": it.answer_idx, "first": ex.first, "last": ex.last,
-               "step": ex.step, "correct_first": ex.first == it.answer_idx, "correct_last": ex.last == it.answer_idx}
+        row = {"id": it.id, "source": it.source, "answer_idx": it.answer_idx}
+        src = sources.setdefault(it.source, {})
+        for name in SCORERS:
+            ex = _extract(name, out, it.options, similarity_fallback)
+            ok = [x is not None and x.upper() == it.answer_idx.upper() for x in (ex.first, ex.last)]
+            row[name] = {"first": ex.first, "last": ex.last, "step": ex.step,
+                         "correct_first": ok[0], "correct_last": ok[1]}
+            s = src.setdefault(name, {"n": 0, "correct_first": 0, "correct_last": 0, "missing": 0, "dropped": 0,
+                                      "steps": {k: 0 for k in STEPS}})
+            if ex.step == "dropped":  # official: not in the denominator
+                s["dropped"] += 1
+                continue
+            s["n"] += 1
+            s["correct_first"] += ok[0]
+            s["correct_last"] += ok[1]
+            if ex.step == "missing":
+                s["missing"] += 1
+            else:
+                s["steps"][ex.step] += 1
+        row.update(row[scorer])
         per_item.append(row)
-        s = sources.setdefault(it.source, {"n": 0, "correct_first": 0, "correct_last": 0, "missing": 0,
-                                           "steps": {k: 0 for k in ("explicit", "letter", "text", "similar", "none")}})
-        s["n"] += 1
-        s["correct_first"] += row["correct_first"]
-        s["correct_last"] += row["correct_last"]
-        if ex.step == "missing":
-            s["missing"] += 1
-        else:
-            s["steps"][ex.step] += 1
-    for s in sources.values():
-        s["acc_first"], s["acc_last"] = s["correct_first"] / s["n"], s["correct_last"] / s["n"]
-        s["acc_official"] = max(s["acc_first"], s["acc_last"])  # official scorer: the better of the two, per source
-    keys = ("acc_first", "acc_last", "acc_official")
-    average = {k: sum(s[k] for s in sources.values()) / len(sources) for k in keys} if sources else {}
+    average = {}
+    for name in SCORERS:
+        scored = []
+        for src in sources.values():
+            s = src[name]
+            if s["n"]:
+                s["acc_first"], s["acc_last"] = s["correct_first"] / s["n"], s["correct_last"] / s["n"]
+                s["acc_max"] = max(s["acc_first"], s["acc_last"])  # official: the better of the two, per source
+                scored.append(s)
+            else:  # every item of the source dropped
+                s.update(dict.fromkeys(_ACC))
+        average[name] = {k: sum(s[k] for s in scored) / len(scored) if scored else None for k in _ACC}
+    for src in sources.values():  # the flat keys, as before this report had two scorers
+        src.update(src[scorer], acc_official=src[scorer]["acc_max"])  # acc_official: the old name of acc_max
+    if sources:
+        average.update(average[scorer], acc_official=average[scorer]["acc_max"])
+    else:
+        average = {}
     known = {it.id for it in items}
-    return {"n_items": len(items), "sources": sources, "average": average,
+    return {"scorer": scorer, "n_items": len(items), "sources": sources, "average": average,
             "missing_ids": [r["id"] for r in per_item if r["step"] == "missing"],
+            "dropped_ids": [r["id"] for r in per_item if r["official"]["step"] == "dropped"],
             "unmatched_output_ids": sorted(i for i in outputs if i not in known), "items": per_item}
 
 
 def format_table(report: dict) -> str:
-    rows = [("source", "n", "first %", "last %", "official %", "missing", "explicit/letter/text/similar/none")]
-    for name, s in report["sources"].items():
-        st = s["steps"]
-        rows.append((name, str(s["n"]), f"{100 * s['acc_first']:.1f}", f"{100 * s['acc_last']:.1f}",
-                     f"{100 * s['acc_official']:.1f}", str(s["missing"]),
-                     "/".join(str(st[k]) for k in ("explicit", "letter", "text", "similar", "none"))))
+    """The chosen scorer's figures: one row per source, then the average over sources."""
+    name = report.get("scorer", "strict")
+    official = name == "official"
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    head = ("source", "n", "first %", "last %", "official %" if official else "max %", "missing")
+    rows = [head + (("dropped",) if official else ()) + ("explicit/letter/text/similar/none",)]
+    for src_name, src in report["sources"].items():
+        s, st = src[name], src[name]["steps"]
+        rows.append((src_name, str(s["n"]), pct(s["acc_first"]), pct(s["acc_last"]), pct(s["acc_max"]),
+                     str(s["missing"])) + ((str(s["dropped"]),) if official else ())
+                    + ("/".join(str(st[k]) for k in STEPS),))
     if report["average"]:
-        a = report["average"]
-        rows.append(("average", str(report["n_items"]), f"{100 * a['acc_first']:.1f}", f"{100 * a['acc_last']:.1f}",
-                     f"{100 * a['acc_official']:.1f}", str(len(report["missing_ids"])), ""))
+        a, ss = report["average"][name], [src[name] for src in report["sources"].values()]
+        rows.append(("average", str(sum(s["n"] for s in ss)), pct(a["acc_first"]), pct(a["acc_last"]),
+                     pct(a["acc_max"]), str(sum(s["missing"] for s in ss)))
+                    + ((str(sum(s["dropped"] for s in ss)),) if official else ()) + ("",))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
              for r in rows]
@@ -289,11 +342,15 @@ def cmd_eval(args) -> int:
     elif not Path(args.outputs).exists():
         raise FileNotFoundError(f"{args.outputs}: no such outputs file (pass --model DIR to generate it)")
     outputs = read_outputs(args.outputs)
-    report = score(items, outputs, cfg.similarity_fallback)
+    report = score(items, outputs, cfg.similarity_fallback, scorer=args.scorer)
     report["data"], report["outputs"] = str(args.data), str(args.outputs)
     print(format_table(report))
+    print(f"eval: scorer {args.scorer} (the report holds both: strict and official)", file=sys.stderr)
     if report["missing_ids"]:
         print(f"eval: {len(report['missing_ids'])} item(s) have no output and count as wrong", file=sys.stderr)
+    if args.scorer == "official" and report["dropped_ids"]:
+        print(f"eval: {len(report['dropped_ids'])} item(s) have an empty output and are dropped, as the official "
+              "eval.py does (not in the denominator)", file=sys.stderr)
     if report["unmatched_output_ids"]:
         print(f"eval: {len(report['unmatched_output_ids'])} output id(s) match no item of {args.data}", file=sys.stderr)
     if args.report:
@@ -310,7 +367,11 @@ def add_cli(sub) -> None:
     p.add_argument("--source", default=None, help="source tag of items that carry none (default: the file name)")
     p.add_argument("--cop-base", type=int, choices=(0, 1), default=None, help="MedMCQA cop numbering (default: detect)")
     p.add_argument("--limit", type=int, default=0, help="only the first N items (0 = all)")
-    p.add_argument("--no-similarity", action="store_true", help="no difflib fallback: unmatched outputs count as wrong")
+    p.add_argument("--scorer", choices=SCORERS, default="strict",
+                   help="whose figures the table shows: strict (ours, default) or official (the official "
+                        "scorer exactly, quirks included); the report holds both")
+    p.add_argument("--no-similarity", action="store_true",
+                   help="strict scorer: no difflib fallback, unmatched outputs count as wrong")
     g = p.add_argument_group("generation (with --model)")
     g.add_argument("--model", default=None, help="checkpoint directory: generate missing outputs with it first")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")

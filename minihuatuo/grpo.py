@@ -37,14 +37,14 @@ from .ppo import learning_rate, masked_mean
 from .ppo_train import (add_verifier_args, encode_prompt, in_chunks, score_rollout, select, update_prompts,
                          verifier_from_args)
 from .reward import RewardConfig
-from .rl import response_logprobs, rollout
+from .rl import response_logprobs, rollout, stop_ids
 from .sft import Dist, all_sum, init_distributed, latest_checkpoint, load_checkpoint, no_grad_sync, save_checkpoint
 from .tokenizer import Tokenizer
 
 
 @dataclass
 class GRPOConfig:
-    """GRPO is not in the paper. Knobs it shares with PPO take PPOConfig's official values (ppo-spec.md §1),
+    """GRPO is not in the paper. Knobs it shares with PPO take PPOConfig's official values (notes/ppo.md § Presets),
     so a GRPO run compares with the paper's PPO; GRPO's own knobs take DeepSeekMath's (§4.1, §5.2)."""
 
     group_size: int = 8  # G samples per prompt (DeepSeekMath: 64; 8 keeps 16 distinct prompts in 128 rollouts)
@@ -52,6 +52,8 @@ class GRPOConfig:
     max_prompt_length: int = 1000  # prompts keep their FIRST max_prompt_length tokens
     temperature: float = 0.5  # sampling AND log-prob temperature
     early_stop: bool = False  # official PPO: always generate R tokens, truncate afterwards
+    stop_tokens: str = "eos_token"  # which ids end a response: "eos_token" (official) or "all" (ppo.PPOConfig)
+    drop_last: bool = True  # official: a data epoch drops its last partial batch (ppo_train.update_prompts)
     batch_size: int = 128  # rollouts per update over all processes = batch_size / G distinct prompts
     micro_batch_size: int = 1  # sequences per forward/backward (memory only)
     num_mini_batches: int = 1  # optimizer steps per epoch
@@ -80,7 +82,7 @@ PRESETS = {
     # the bundled tiny world: PPO's tiny-world preset, with groups of 4
     "tiny-world": GRPOConfig(group_size=4, response_length=96, max_prompt_length=256, temperature=1.0,
                              early_stop=True, batch_size=32, micro_batch_size=32, ppo_epochs=2, total_episodes=640,
-                             lr=1e-4, warmup_ratio=0.0, beta=0.04, save_every=5),
+                             lr=1e-4, warmup_ratio=0.0, beta=0.04, save_every=5, drop_last=False),
 }
 
 
@@ -93,20 +95,26 @@ def group_advantages(scores: torch.Tensor, G: int, eps: float) -> torch.Tensor:
     return ((grouped - grouped.mean(0, keepdim=True)) / (grouped.std(0, keepdim=True) + eps)).flatten()
 
 
-def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """The k3 estimator of KL(π‖π_ref) per token: π_ref/π − log(π_ref/π) − 1 >= 0 (DeepSeekMath eq. 4)."""
+def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The k3 estimator of KL(π‖π_ref) per token: π_ref/π − log(π_ref/π) − 1 >= 0 (DeepSeekMath eq. 4).
+    With `mask`, slots off the mask are 0. The mask is applied to the log-ratio BEFORE exp: a padding
+    slot may hold any log π (after temperature it can be −100), and exp(100) is inf in fp32, which a
+    mask applied afterwards turns into inf·0 = NaN (tests/test_rl_variants.py pins this)."""
     d = ref_logprobs - logprobs
-    return torch.exp(d) - d - 1
+    if mask is None:
+        return torch.exp(d) - d - 1
+    d = torch.where(mask.bool(), d, 0.0)  # select, not multiply: inf·0 = NaN
+    return torch.exp(d) - d - 1  # 0 where d = 0
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip: float, beta: float):
     """Per-sequence token mean over t ≤ L of max(−Â ρ_t, −Â clip(ρ_t, 1−ε, 1+ε)) + β k3_t, the negated
     DeepSeekMath objective (eq. 3: 1/G Σ_i 1/|o_i| Σ_t). Returns (loss (B,), clip fraction (B,), mean k3 (B,))."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, 0.0))  # masked before exp, as k3
     adv = advantages[:, None]  # (B, 1): one advantage for every token of the sequence
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    kl = k3(logprobs, ref_logprobs)
+    kl = k3(logprobs, ref_logprobs, mask)
     loss = masked_mean(torch.maximum(unclipped, clipped) + beta * kl, mask, dim=1)
     return loss, masked_mean((clipped > unclipped).float(), mask, dim=1), masked_mean(kl, mask, dim=1)
 
@@ -121,14 +129,14 @@ def update(u: int, num_updates: int, cfg: GRPOConfig, policy, ref, tokenizer, it
     for group in optimizer.param_groups:
         group["lr"] = lr
     G = cfg.group_size
-    mine = update_prompts(len(items), u, cfg.batch_size // G, cfg.seed)[d.rank::d.world]
+    mine = update_prompts(len(items), u, cfg.batch_size // G, cfg.seed, cfg.drop_last)[d.rank::d.world]
     prompts = [encode_prompt(tokenizer, items[i].x, cfg.max_prompt_length) for i in mine]
     references = [items[i].y_star for i in mine]
     # G copies in blocks (rows i and i + n are the same prompt), so a group never crosses processes
     prompts, references = prompts * G, references * G
 
     # 1. rollout and the frozen quantities of this update
-    ro = rollout(base, tokenizer, prompts, cfg.temperature, cfg.response_length, tokenizer.eos_ids,
+    ro = rollout(base, tokenizer, prompts, cfg.temperature, cfg.response_length, stop_ids(tokenizer, cfg.stop_tokens),
                  cfg.early_stop, seed=cfg.seed * 1_000_003 + u * 1009 + d.rank)
     t_rollout = time.perf_counter()
     B = len(prompts)
@@ -174,7 +182,7 @@ def update(u: int, num_updates: int, cfg: GRPOConfig, policy, ref, tokenizer, it
     t_end = time.perf_counter()
 
     # 4. diagnostics (notes/rl_variants.md documents each; the same names as PPO's where they mean the same)
-    k3_old = k3(old_lp, ref_lp) * ro.policy_mask
+    k3_old = k3(old_lp, ref_lp, ro.policy_mask)
     mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
     local = torch.tensor([raw_scores.sum(), (raw_scores == reward_cfg.correct).sum(),
                           (raw_scores == reward_cfg.no_format).sum(), kl.sum(), k3_old.sum(), (ro.last + 1).sum(),

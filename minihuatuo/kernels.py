@@ -369,7 +369,7 @@ def token_logprobs_and_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tenso
     LM head fused with the log-prob, chunk_rows tokens at a time, so the (..., V) logits never exist.
 
     hidden: (..., C) final-norm hidden states; lm_head_weight: (V, C); targets: (...) ids, outside
-    [0, V) → log-prob 0. For PPO's new and reference log-probs (ppo-spec: log_softmax(z / T)[a]) and
+    [0, V) → log-prob 0. For PPO's new and reference log-probs (notes/ppo.md checklist 7: log_softmax(z / T)[a]) and
     entropy, through `model(..., logits_at=mask, head=lambda h, w: token_logprobs_and_entropy(h, w,
     actions, T))` so that DDP / FSDP see the whole forward. Backward recomputes each chunk's logits.
     """

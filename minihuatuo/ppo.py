@@ -1,6 +1,6 @@
 """Stage 2: PPO with verifier rewards (paper §3.2, Algorithm 1 stage two, §4.1, Appendix F).
 
-One update, as PPO pseudo-code (ppo-spec.md §2–§5; `update` below is exactly this):
+One update, as PPO pseudo-code (notes/ppo.md; `ppo_train.update` is exactly this):
 
     rollout      y ~ π_old(· | x) at temperature T, cut after the first stop token   rl.rollout
     log-probs    log π_old (sampler), log π_ref, V_old                               rl.response_logprobs / _values
@@ -25,12 +25,17 @@ import torch.nn as nn
 
 @dataclass
 class PPOConfig:
-    """Defaults = the official run (ppo-spec.md §1); the `paper` preset changes what the paper states."""
+    """Defaults = the official run (notes/ppo.md § Presets and checklist); the `paper` preset changes what the paper states."""
 
     response_length: int = 1300  # R, new tokens per response
     max_prompt_length: int = 1000  # prompts keep their FIRST max_prompt_length tokens (checklist 4)
     temperature: float = 0.5  # sampling AND log-prob temperature (checklist 6–7)
     early_stop: bool = False  # official: always generate R tokens, truncate afterwards (checklist 5)
+    # which ids end a response (checklist 8): "eos_token" = only the tokenizer's eos_token (official:
+    # TRL stops at tokenizer.eos_token_id); "all" = also every generation_config.json eos_token_id, as
+    # `generate` and `serve` do (Llama-3.1-Instruct lists <|end_of_text|>, <|eom_id|>, <|eot_id|>)
+    stop_tokens: str = "eos_token"
+    drop_last: bool = True  # official: a data epoch drops its last partial batch (ppo_train.update_prompts)
     batch_size: int = 128  # rollouts per update over all processes (paper §4.1)
     micro_batch_size: int = 1  # sequences per forward/backward (memory only)
     num_mini_batches: int = 1  # optimizer steps per PPO epoch
@@ -54,7 +59,6 @@ class PPOConfig:
     value_head: str = "separate"  # "separate" critic network (official) or "shared" (a head on the policy trunk)
     seed: int = 42
     save_every: int = 20  # updates between checkpoints (official save_steps 20)
-    distributed: str = "ddp"
 
 
 PRESETS = {
@@ -63,7 +67,7 @@ PRESETS = {
     # the bundled tiny world: short answers, a small batch, a learning rate a 1M-parameter model feels
     "tiny-world": PPOConfig(response_length=96, max_prompt_length=256, temperature=1.0, early_stop=True,
                             batch_size=32, micro_batch_size=32, ppo_epochs=2, total_episodes=640, lr=1e-4,
-                            warmup_ratio=0.0, vf_coef=0.5, save_every=5),
+                            warmup_ratio=0.0, vf_coef=0.5, save_every=5, drop_last=False),
 }
 
 
@@ -116,8 +120,10 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float) -
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
     """Per-sequence clipped surrogate, token-averaged over t ≤ L (checklist 26):
-    mean_t max(−A ρ, −A clip(ρ, 1−ε, 1+ε)). Returns (loss per sequence (B,), clip fraction per sequence)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    mean_t max(−A ρ, −A clip(ρ, 1−ε, 1+ε)). Returns (loss per sequence (B,), clip fraction per sequence).
+    The log-ratio is masked before exp: a padding slot may hold any log-probs, and an overflow there
+    would turn into inf·0 = NaN in the masked mean."""
+    ratio = torch.exp(torch.where(mask.bool(), logprobs - old_logprobs, 0.0))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     loss = torch.maximum(unclipped, clipped)
@@ -175,5 +181,11 @@ class ActorCritic(nn.Module):
             entropy = -(logp_all.exp() * logp_all).sum(-1)
         if self.critic is None:
             return logp, entropy, self.policy.score(h).squeeze(-1)
-        hv = self.critic.hidden_states(ids, attention_mask=mask, position_ids=positions)
-        return logp, entropy, self.critic.score(hv[at]).squeeze(-1)
+        return logp, entropy, self.values(ids, mask, positions, at)
+
+    def values(self, ids, mask, positions, at):
+        """V (N,) at the N positions where `at` is True, without the policy's LM head and log-softmax
+        (V_old in `collect` needs only this; with a separate critic the policy does not run at all)."""
+        critic = self.critic if self.critic is not None else self.policy
+        h = critic.hidden_states(ids, attention_mask=mask, position_ids=positions)[at]  # (N, C)
+        return critic.score(h).squeeze(-1)

@@ -20,13 +20,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .checkpoint import atomic_dir, load_model, read_json, write_model_files
+from .checkpoint import CheckpointError, atomic_dir, load_model, read_json, write_model_files
 from .config import add_config_args, build_config
 from .formats import read_problems
 from .ppo import (PRESETS, ActorCritic, PPOConfig, explained_variance, gae, learning_rate, masked_mean,
                   masked_whiten, per_token_rewards, policy_loss, value_loss)
 from .reward import RewardConfig, rewards
-from .rl import Rollout, forward_inputs, response_logprobs, response_positions, rollout
+from .rl import Rollout, forward_inputs, response_logprobs, response_positions, rollout, stop_ids
 from .sft import Dist, all_sum, full_state, init_distributed, no_grad_sync
 from .tokenizer import Tokenizer
 
@@ -53,6 +53,32 @@ def load_critic(path, seed: int, device):
     return add_value_head(model, seed)
 
 
+def check_critic_vocabulary(policy_dir, value_dir, policy, critic) -> None:
+    """The critic reads the policy's token ids (checklist 2), so both must share one vocabulary: the
+    same token → id map when the critic directory has a tokenizer, and an embedding table that covers
+    every id the policy can emit. (Embedding tables may be padded differently for one tokenizer, as
+    in Qwen2.5 0.5B vs 7B, so the table sizes alone are not compared when both tokenizers are there.)
+    Another vocabulary would be accepted by the forward pass and silently train a critic on noise."""
+    from tokenizers import Tokenizer as RawTokenizer
+
+    files = Path(policy_dir) / "tokenizer.json", Path(value_dir) / "tokenizer.json"
+    if files[1].is_file() and files[0].is_file():
+        vocabs = [RawTokenizer.from_file(str(f)).get_vocab(with_added_tokens=True) for f in files]
+        if vocabs[0] != vocabs[1]:
+            diff = sorted(set(vocabs[0].items()) ^ set(vocabs[1].items()), key=lambda kv: kv[1])[0]
+            raise CheckpointError(
+                f"--value-model {value_dir}: its tokenizer.json has another vocabulary than the policy's "
+                f"({policy_dir}): {len(vocabs[1])} vs {len(vocabs[0])} tokens, first difference at token "
+                f"{diff[0]!r} (id {diff[1]}); the critic must read the policy's token ids")
+        needed = max(vocabs[0].values()) + 1
+    else:
+        needed = policy.cfg.vocab_size
+    if critic.cfg.vocab_size < needed or (not files[1].is_file() and critic.cfg.vocab_size != needed):
+        raise CheckpointError(
+            f"--value-model {value_dir}: its embedding table has {critic.cfg.vocab_size} rows but the policy "
+            f"({policy_dir}) uses {needed} token ids; the critic must read the policy's token ids")
+
+
 def build_models(cfg: PPOConfig, policy_dir, value_dir, device):
     """Policy and frozen reference from the same weights (checklist 1); the critic."""
     policy = load_model(policy_dir, dtype=torch.float32, device=device)
@@ -60,19 +86,38 @@ def build_models(cfg: PPOConfig, policy_dir, value_dir, device):
     if cfg.value_head == "shared":
         add_value_head(policy, cfg.seed)
         return ActorCritic(policy), ref
-    return ActorCritic(policy, load_critic(value_dir or policy_dir, cfg.seed, device)), ref
+    critic = load_critic(value_dir or policy_dir, cfg.seed, device)
+    if value_dir is not None:
+        check_critic_vocabulary(policy_dir, value_dir, policy, critic)
+    return ActorCritic(policy, critic), ref
 
 
 # ----------------------------------------------------------------------------- data stream
 
-def update_prompts(n_items: int, update: int, batch_size: int, seed: int) -> list[int]:
-    """Item indices of update u's global batch: a stream of seeded permutations of the data, so
-    every update's prompts are a pure function of (seed, u) and a resumed run sees the same ones."""
+def _epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def update_prompts(n_items: int, update: int, batch_size: int, seed: int, drop_last: bool = True) -> list[int]:
+    """Item indices of update u's global batch, a pure function of (seed, u), so a resumed run sees
+    the same prompts. Each data epoch is a seeded permutation of the items.
+
+    drop_last=True (official: TRL's loader is a shuffled DataLoader with drop_last=True): an epoch
+    gives ⌊n / batch⌋ batches and its last n mod batch items wait for the next permutation, so no
+    batch holds a prompt twice. drop_last=False: one continuous stream of permutations, so a batch
+    that straddles two epochs can hold a prompt twice (the `tiny-world` preset's order, which the
+    demo's numbers were measured with)."""
+    if drop_last:
+        per_epoch = n_items // batch_size
+        if per_epoch == 0:
+            raise ValueError(f"{n_items} problems cannot fill one batch of {batch_size} prompts with drop_last; "
+                             f"use a smaller batch or drop_last false (a batch then repeats prompts)")
+        epoch, b = divmod(update, per_epoch)
+        return _epoch_order(n_items, seed, epoch)[b * batch_size:(b + 1) * batch_size]
     out, pos = [], update * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n_items)
-        perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        take = perm[offset:offset + batch_size - len(out)]
+        take = _epoch_order(n_items, seed, epoch)[offset:offset + batch_size - len(out)]
         out += take
         pos += len(take)
     return out
@@ -144,10 +189,10 @@ def collect(u: int, cfg: PPOConfig, ac, ref, tokenizer, items, verifier, d: Dist
     """Rollout → log π_ref, V_old → scores → per-token rewards → GAE → returns → whitened advantages."""
     t0 = time.perf_counter()
     base = ac.module if hasattr(ac, "module") else ac
-    mine = update_prompts(len(items), u, cfg.batch_size, cfg.seed)[d.rank::d.world]
+    mine = update_prompts(len(items), u, cfg.batch_size, cfg.seed, cfg.drop_last)[d.rank::d.world]
     prompts = [encode_prompt(tokenizer, items[i].x, cfg.max_prompt_length) for i in mine]
     references = [items[i].y_star for i in mine]
-    ro = rollout(base.policy, tokenizer, prompts, cfg.temperature, cfg.response_length, tokenizer.eos_ids,
+    ro = rollout(base.policy, tokenizer, prompts, cfg.temperature, cfg.response_length, stop_ids(tokenizer, cfg.stop_tokens),
                  cfg.early_stop, seed=cfg.seed * 1_000_003 + u * 1009 + d.rank)
     t1 = time.perf_counter()
     ref_lp, old_values = torch.zeros_like(ro.logprobs), torch.zeros_like(ro.logprobs)
@@ -246,8 +291,7 @@ def diagnostics(exp: Experience, logs: dict, reward_cfg: RewardConfig, d: Dist) 
 @torch.no_grad()
 def _values(base: ActorCritic, ro: Rollout) -> torch.Tensor:
     ids, mask, pos = forward_inputs(ro)
-    _, _, v = base(ids, mask, pos, response_positions(ro), ro.response.reshape(-1), 1.0)
-    return v.view(ro.response.shape)
+    return base.values(ids, mask, pos, response_positions(ro)).view(ro.response.shape)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -347,6 +391,9 @@ def add_verifier_args(p) -> None:
     p.add_argument("--verifier-model", default=None, help="classifier verifier checkpoint")
     p.add_argument("--verifier-threshold", type=float, default=0.4)
     p.add_argument("--verifier-device", default="cpu")
+    p.add_argument("--classifier-template", metavar="FILE", default=None,
+                   help="classifier: input template with {response}, {reference} and {eos}; the released "
+                        "verifier needs its own (notes/verifier.md), the built-in one is our wording")
     p.add_argument("--aliases", action="append", default=[], help="extra alias file for the rule verifier")
 
 
@@ -354,7 +401,7 @@ def verifier_from_args(args):
     from .reward import build_verifier
 
     vargs = SimpleNamespace(aliases=args.aliases, model=args.verifier_model, threshold=args.verifier_threshold,
-                            classifier_template=None, device=args.verifier_device)
+                            classifier_template=args.classifier_template, device=args.verifier_device)
     return build_verifier(args.verifier, vargs)
 
 

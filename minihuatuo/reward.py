@@ -211,6 +211,12 @@ def build_verifier(name: str, args):
             raise ValueError("--verifier classifier needs --model CHECKPOINT_DIR")
         kw = {"template": V.load_prompt(opt("classifier_template"), V.PLACEHOLDERS + ("{eos}",))} \
             if opt("classifier_template") else {}
+        if not kw:
+            # A classifier scores the exact text it was trained on; our built-in wording is not the
+            # released verifier's, so its probabilities (and every reward built on them) are off.
+            print("WARNING: --verifier classifier runs with minihuatuo's built-in input template, not the one "
+                  "the checkpoint was trained with; for the released verifier pass its template with "
+                  "--classifier-template FILE (notes/verifier.md)", file=sys.stderr)
         return V.ClassifierVerifier.from_dir(opt("model"), device=opt("device", "cpu"),
                                              threshold=opt("threshold", 0.4), **kw)
     if name == "llm":
@@ -224,7 +230,7 @@ def build_verifier(name: str, args):
         else:
             raise ValueError("--verifier llm needs --judge-url and --judge-model, or --judge-checkpoint")
         prompt = V.load_prompt(opt("judge_prompt")) if opt("judge_prompt") else V.JUDGE_PROMPT
-        return V.LLMJudgeVerifier(backend, prompt=prompt)
+        return V.LLMJudgeVerifier(backend, prompt=prompt, parse=opt("judge_parse", "strict"))
     raise ValueError(f"unknown verifier {name!r}; choose from {', '.join(VERIFIERS)}")
 
 
@@ -265,6 +271,7 @@ def add_cli(sub) -> None:
     p.add_argument("--reference", help="the reference (ground-truth) answer")
     p.add_argument("--pairs", metavar="FILE", help='JSONL of {"response", "reference"}; one verdict per line')
     _add_verifier_args(p)
+    _add_judge_parse(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("verifier-eval", help="accuracy / precision / recall of verifiers on labeled pairs")
@@ -278,4 +285,14 @@ def add_cli(sub) -> None:
     p.add_argument("--verifiers", default="exact,rule", help=f"comma-separated, from {', '.join(VERIFIERS)}")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     _add_verifier_args(p)
+    _add_judge_parse(p)
     p.set_defaults(func=cmd_verifier_eval)
+
+
+def _add_judge_parse(p):
+    # not in _add_verifier_args: `search` has the same option as a SearchConfig field
+    from .verifier import JUDGE_PARSES
+
+    p.add_argument("--judge-parse", choices=JUDGE_PARSES, default="strict",
+                   help="llm: strict = the reply is exactly True (ours); official = 'true' anywhere in it, "
+                        "case-folded (so 'not true' counts as True; notes/search.md)")

@@ -1,5 +1,6 @@
 """What every stage-2 RL algorithm here shares (PPO, RLOO, GRPO, DPO's sampling): the rollout, its
-masks, and temperature-scaled log-probs. Paper §3.2; ppo-spec.md §2.
+masks, and temperature-scaled log-probs. Paper §3.2. "checklist N" = item N of the PPO checklist in
+notes/ppo.md.
 
 Shapes: B rollouts, P prompt slots (left-padded), R response slots (response_length), V vocabulary.
 Response slot t holds action a_t; L_b is the index of row b's last real token (its stop token, or
@@ -9,7 +10,7 @@ R − 1 when it has none). Two explicit masks replace the official code's paddin
     value_mask[b, t]  = t <= L_b + 1 (< R)    + the state after the stop token: the critic is trained there too
 
 (the official code writes a placeholder log-prob 1.0 into padding and keeps two masks that differ by one
-slot; ppo-spec.md checklist 9–10. tests/test_ppo.py checks that our masks give the same numbers.)
+slot; checklist 9–10. tests/test_ppo.py checks that our masks give the same numbers.)
 """
 from __future__ import annotations
 
@@ -42,8 +43,22 @@ class Rollout:
         return torch.cat([self.query_mask.bool(), self.value_mask], dim=1)
 
 
+def stop_ids(tokenizer, which: str) -> list[int]:
+    """The ids that end a response (checklist 8). "eos_token": only the tokenizer's eos_token — the
+    official run (TRL's PPOTrainer truncates at tokenizer.eos_token_id; for Llama-3.1-Instruct that is
+    <|eot_id|>, so <|end_of_text|> and <|eom_id|> do not end a response there). "all": also every
+    generation_config.json eos_token_id, as `generate`, `serve` and evaluation stop."""
+    if which == "eos_token":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("stop_tokens 'eos_token': the tokenizer names no eos_token")
+        return [tokenizer.eos_token_id]
+    if which == "all":
+        return list(tokenizer.eos_ids)
+    raise ValueError(f"stop_tokens must be 'eos_token' or 'all', got {which!r}")
+
+
 def truncate_after_stop(tokens: torch.Tensor, stop_ids, pad_id: int):
-    """Keep each row up to and including its FIRST stop token; pad the rest (ppo-spec.md checklist 8).
+    """Keep each row up to and including its FIRST stop token; pad the rest (checklist 8).
     Returns (truncated tokens, L = index of the last kept token, has_stop)."""
     R = tokens.shape[1]
     is_stop = torch.isin(tokens, torch.tensor(list(stop_ids), device=tokens.device))  # (B, R)
@@ -62,8 +77,11 @@ def masks_from_last(last: torch.Tensor, R: int):
 def rollout(policy, tokenizer, prompts: list[list[int]], temperature: float, response_length: int,
             stop_ids, early_stop: bool = True, seed: int | None = None) -> Rollout:
     """Sample one response per prompt. early_stop=False reproduces the official run, which always
-    generates response_length tokens and truncates afterwards (ppo-spec.md checklist 5); the kept
-    tokens are identical either way, early stopping only saves time."""
+    generates response_length tokens and truncates afterwards (checklist 5). early_stop=True stops
+    each row at its stop token: every kept token has the same DISTRIBUTION either way, but not the
+    same value for a seed — the sampler draws one uniform per row still in the batch, and once
+    finished rows leave the batch (sample.py) the later rows' draws shift. So a seed reproduces a
+    run only with the same early_stop (and the same batch composition)."""
     cfg = SamplingConfig(max_new_tokens=response_length, temperature=temperature,
                          stop_token_ids=tuple(stop_ids) if early_stop else (), seed=seed)
     gen = generate(policy, prompts, cfg, pad_id=tokenizer.pad_id)
@@ -91,7 +109,7 @@ def response_positions(ro: Rollout) -> torch.Tensor:
 
 def forward_inputs(ro: Rollout):
     """Inputs for a forward over query ⊕ response: the mask hides prompt padding and everything after
-    slot L + 1; positions count real tokens only (the sampler's recipe, ppo-spec.md checklist 3)."""
+    slot L + 1; positions count real tokens only (the sampler's recipe, checklist 3)."""
     mask = ro.sequence_mask.long()
     return ro.sequence, mask, position_ids_from_mask(mask)
 
@@ -99,7 +117,7 @@ def forward_inputs(ro: Rollout):
 def response_logprobs(model, ro: Rollout, temperature: float, with_entropy: bool = False):
     """log π(a_t) under softmax(logits / T) for each response slot (B, R), and optionally the entropy
     of that distribution (B, R). Both the reference and the current policy go through here, so KL and
-    ratio compare the same tempered distributions (ppo-spec.md checklist 7)."""
+    ratio compare the same tempered distributions (checklist 7)."""
     ids, mask, pos = forward_inputs(ro)
     B, R = ro.response.shape
     logits = model(ids, attention_mask=mask, position_ids=pos, logits_at=response_positions(ro))  # (B·R, V)

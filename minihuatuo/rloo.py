@@ -1,5 +1,5 @@
 """Stage 2 variant: RLOO with verifier rewards — the paper's comparison (App. F, Table 2: k = 2, with
-PPO's reward function and parameters), with TRL 0.13's RLOOTrainer semantics (ppo-spec.md §6).
+PPO's reward function and parameters), with TRL 0.13's RLOOTrainer semantics (notes/rl_variants.md).
 
 One update, as pseudo-code (a sibling of ppo.py's; `diff` them — what is missing is the critic and GAE):
 
@@ -36,7 +36,7 @@ from .ppo import learning_rate, masked_mean
 from .ppo_train import (add_verifier_args, encode_prompt, in_chunks, score_rollout, select, update_prompts,
                          verifier_from_args)
 from .reward import RewardConfig
-from .rl import response_logprobs, rollout
+from .rl import response_logprobs, rollout, stop_ids
 from .sft import Dist, all_sum, init_distributed, latest_checkpoint, load_checkpoint, no_grad_sync, save_checkpoint
 from .tokenizer import Tokenizer
 
@@ -44,13 +44,15 @@ from .tokenizer import Tokenizer
 @dataclass
 class RLOOConfig:
     """Paper App. F runs RLOO with "parameters identical to PPO" plus k = 2, so every default here is
-    PPOConfig's official value (ppo-spec.md §1) wherever RLOO has the same knob."""
+    PPOConfig's official value (notes/ppo.md § Presets) wherever RLOO has the same knob."""
 
     rloo_k: int = 2  # k samples per prompt (paper App. F); the leave-one-out baseline needs k >= 2
     response_length: int = 1300  # R, new tokens per response
     max_prompt_length: int = 1000  # prompts keep their FIRST max_prompt_length tokens
     temperature: float = 0.5  # sampling AND log-prob temperature
     early_stop: bool = False  # official: always generate R tokens, truncate afterwards
+    stop_tokens: str = "eos_token"  # which ids end a response: "eos_token" (official) or "all" (ppo.PPOConfig)
+    drop_last: bool = True  # official: a data epoch drops its last partial batch (ppo_train.update_prompts)
     batch_size: int = 128  # rollouts per update over all processes = batch_size / k distinct prompts (spec §6)
     micro_batch_size: int = 1  # sequences per forward/backward (memory only)
     num_mini_batches: int = 1  # optimizer steps per epoch
@@ -80,7 +82,7 @@ PRESETS = {
     # the bundled tiny world: PPO's tiny-world preset, with two samples per prompt
     "tiny-world": RLOOConfig(response_length=96, max_prompt_length=256, temperature=1.0, early_stop=True,
                              batch_size=32, micro_batch_size=32, ppo_epochs=2, total_episodes=640, lr=1e-4,
-                             warmup_ratio=0.0, beta=0.01, save_every=5),
+                             warmup_ratio=0.0, beta=0.01, save_every=5, drop_last=False),
 }
 
 
@@ -100,11 +102,22 @@ def leave_one_out_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).flatten()  # (k·n,) back in row order
 
 
-def sequence_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float):
+MAX_LOG_RATIO = 20.0  # ρ ≤ e^20 ≈ 4.9e8; see sequence_policy_loss
+
+
+def sequence_policy_loss(logprobs, old_logprobs, advantages, mask, clip: float,
+                         max_log_ratio: float = MAX_LOG_RATIO):
     """One clipped ratio per SEQUENCE: ρ_i = exp(Σ_{t≤L} log π − Σ_{t≤L} log π_old) (B,), loss_i =
-    max(−A_i ρ_i, −A_i clip(ρ_i, 1−ε, 1+ε)). Returns (loss (B,), clipped (B,) bool, log ρ (B,))."""
-    log_ratio = ((logprobs - old_logprobs) * mask).sum(1)
-    ratio = torch.exp(log_ratio)
+    max(−A_i ρ_i, −A_i clip(ρ_i, 1−ε, 1+ε)). Returns (loss (B,), clipped (B,) bool, log ρ (B,)).
+
+    We differ from TRL 0.13 in one place: log ρ is clamped at `max_log_ratio` before exp. A sum over
+    hundreds of tokens passes 88.7 easily once the policy has moved, and exp then overflows fp32 to
+    inf, the loss to inf and the gradient to NaN, which poisons the weights. Below the bound the
+    numbers are TRL's exactly; above it the clamp's zero gradient only matters for A < 0 (for A > 0
+    the clipped branch already has zero gradient there), where TRL's gradient is ∝ ρ > 4.9e8 and
+    would be cut by the global-norm clip anyway. The returned log ρ is the unclamped one."""
+    log_ratio = torch.where(mask.bool(), logprobs - old_logprobs, 0.0).sum(1)  # select, not multiply: -inf·0 = NaN
+    ratio = torch.exp(log_ratio.clamp(max=max_log_ratio))
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
     return torch.maximum(unclipped, clipped), clipped > unclipped, log_ratio
@@ -120,14 +133,14 @@ def update(u: int, num_updates: int, cfg: RLOOConfig, policy, ref, tokenizer, it
     for group in optimizer.param_groups:
         group["lr"] = lr
     k = cfg.rloo_k
-    mine = update_prompts(len(items), u, cfg.batch_size // k, cfg.seed)[d.rank::d.world]
+    mine = update_prompts(len(items), u, cfg.batch_size // k, cfg.seed, cfg.drop_last)[d.rank::d.world]
     prompts = [encode_prompt(tokenizer, items[i].x, cfg.max_prompt_length) for i in mine]
     references = [items[i].y_star for i in mine]
     # k copies in blocks (rows i and i + n are the same prompt), so a group never crosses processes
     prompts, references = prompts * k, references * k
 
     # 1. rollout and the frozen quantities of this update
-    ro = rollout(base, tokenizer, prompts, cfg.temperature, cfg.response_length, tokenizer.eos_ids,
+    ro = rollout(base, tokenizer, prompts, cfg.temperature, cfg.response_length, stop_ids(tokenizer, cfg.stop_tokens),
                  cfg.early_stop, seed=cfg.seed * 1_000_003 + u * 1009 + d.rank)
     t_rollout = time.perf_counter()
     B = len(prompts)
@@ -165,7 +178,7 @@ def update(u: int, num_updates: int, cfg: RLOOConfig, policy, ref, tokenizer, it
                     logs["pg_loss"].append(loss.mean().item())
                     logs["clipfrac"].append(clipped.float().mean().item())
                     logs["approx_kl"].append((0.5 * log_ratio ** 2).mean().item())  # sequence-level, as TRL RLOO
-                    logs["ratio"].append(log_ratio.exp().mean().item())
+                    logs["ratio"].append(log_ratio.clamp(max=MAX_LOG_RATIO).exp().mean().item())
                     if entropy is not None:
                         logs["entropy"].append(masked_mean(entropy.detach(), sub.policy_mask).item())
             torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)

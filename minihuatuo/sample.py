@@ -12,7 +12,7 @@ by reading the KV cache: every row still in the batch costs its whole cache at e
 
 Besides the tokens, the sampler returns log π(a_n) of each sampled token under the temperature-scaled
 distribution, log_softmax(logits / T) — before top-k / top-p truncation, which is what PPO's old
-log-probs are (ppo-spec.md: the policy's log-probs are recomputed under the same temperature).
+log-probs are (notes/ppo.md checklist 6–7: the policy's log-probs are recomputed under the same temperature).
 For greedy decoding (temperature 0) they are log_softmax(logits) at the argmax.
 """
 from __future__ import annotations

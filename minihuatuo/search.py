@@ -39,6 +39,7 @@ from .search_prompts import (STRATEGIES, ReplyError, SearchPrompts, parse_cot, p
                              parse_response, render)
 from .search_reformat import (HINT, INIT, conclusion, long_cot, previous_reasoning, simple_cot, stream_of_search,
                               template_complex_cot)
+from .verifier import JUDGE_PARSES
 
 RESTARTS = ("paper", "official")
 BACKTRACKING_RULES = ("earlier-step", "paper-text")
@@ -65,11 +66,15 @@ class SearchConfig:
     max_tokens: int = 2048  # per reply (official: 8192 for GPT-4o); shrunk to fit a local model's context
     seed: int = 0  # strategy draws: random.Random(f"{seed}:{problem id}"), independent of batching
     max_in_flight: int = 64  # problems searched at once; their requests share each backend call
+    # --verifier llm only: how the judge's reply becomes a verdict. "strict": exactly "True";
+    # "official": the script's `'true' in reply.lower()`, under which "not true" passes
+    judge_parse: str = "strict"
 
     def __post_init__(self):
         for name, value, choices in (("restart", self.restart, RESTARTS),
                                      ("backtracking", self.backtracking, BACKTRACKING_RULES),
-                                     ("reformat", self.reformat, REFORMATTERS)):
+                                     ("reformat", self.reformat, REFORMATTERS),
+                                     ("judge_parse", self.judge_parse, JUDGE_PARSES)):
             if value not in choices:
                 raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
         if min(self.max_depth, self.json_retries, self.temperature) < 0 or \
@@ -316,7 +321,9 @@ def check_config(out: Path, cfg: SearchConfig) -> None:
     path, mine = out / "config.json", dataclasses.asdict(cfg)
     if not path.exists():
         path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
-    old = json.loads(path.read_text(encoding="utf-8"))
+    # A field added to SearchConfig after the run started is absent from its config.json; the run
+    # had that field's default behaviour (new fields default to the old behaviour, e.g. judge_parse).
+    old = {**dataclasses.asdict(SearchConfig()), **json.loads(path.read_text(encoding="utf-8"))}
     diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k) and k not in RESUME_IRRELEVANT)
     if diff:
         raise ValueError(f"{out}: this run was started with another configuration ({', '.join(diff)} differ: "

@@ -29,6 +29,8 @@ from .records import FormatError, read_records, write_records
 from .search import SearchConfig, run_search
 from .search_prompts import STRATEGIES, SearchPrompts, load_search_prompts
 from .search_reformat import HINT, simple_cot
+from .tokenizer import KINDS
+from .verifier import LLMJudgeVerifier
 
 # ---------------------------------------------------------------------------------------------------
 # datasets
@@ -140,8 +142,18 @@ def search_backend(args, cfg: SearchConfig):
         raise ValueError("give the search LLM as --search-checkpoint DIR, or as --search-url and --search-model")
     if args.search_checkpoint:
         from .backends import LocalBackend
-        return LocalBackend.from_dir(args.search_checkpoint, dtype=args.dtype, device=args.device,
-                                     batch_size=args.batch_size, seed=cfg.seed)
+        from .tokenizer import Tokenizer
+
+        # The tokenizer first: an unknown chat format is reported before the weights are read.
+        tokenizer = Tokenizer.from_dir(args.search_checkpoint, chat_format=args.chat_template)
+        if not tokenizer.has_chat_template:
+            raise ValueError(tokenizer.template_error)
+        backend = LocalBackend.from_dir(args.search_checkpoint, dtype=args.dtype, device=args.device,
+                                        batch_size=args.batch_size, seed=cfg.seed)
+        backend.tokenizer = tokenizer  # LocalBackend.from_dir knows no chat_format; same files otherwise
+        return backend
+    if args.chat_template:
+        raise ValueError("--chat-template applies to a local --search-checkpoint; an endpoint renders its own")
     if not (args.search_url and args.search_model):
         raise ValueError("--search-url and --search-model go together")
     from .http_client import OpenAIBackend
@@ -159,6 +171,8 @@ def cmd_search(args) -> int:
     prompts = load_search_prompts(args.prompts) if args.prompts else SearchPrompts()
     backend = search_backend(args, cfg)
     verifier = build_verifier(args.verifier, args)
+    if isinstance(verifier, LLMJudgeVerifier):  # the judge's reading is a SearchConfig field (pinned on resume)
+        verifier = dataclasses.replace(verifier, parse=cfg.judge_parse)
     count = None
     if args.tokenizer:
         from .tokenizer import Tokenizer
@@ -191,6 +205,9 @@ def add_cli(sub) -> None:
     g.add_argument("--concurrency", type=int, default=8, help="HTTP requests in flight at most")
     g.add_argument("--dtype", default="float32", help="local: float32, bfloat16, float16 or auto")
     g.add_argument("--batch-size", type=int, default=16, help="local: rows per sampler call")
+    g.add_argument("--chat-template", metavar="NAME", choices=KINDS,
+                   help=f"local: use this hand-written chat format ({', '.join(KINDS)}) instead of recognising "
+                        "the checkpoint's own template")
     p.add_argument("--tokenizer", metavar="DIR", help="count tokens with this tokenizer (default: the local "
                    "search model's; for an endpoint without it, ~4 characters per token)")
     p.add_argument("--verifier", choices=VERIFIERS, default="rule", help="Verifier(y, y*) of the search")

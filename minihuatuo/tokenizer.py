@@ -1,15 +1,24 @@
 """Tokenizer loading and chat-prompt rendering for minihuatuo.
 
-Hugging Face checkpoints describe their chat format as a Jinja program
-(`chat_template` in tokenizer_config.json). We deliberately do not run Jinja at
-run time: it would add a dependency, and a template is code shipped with a
-checkpoint that can do anything. Instead we recognise the handful of formats
-HuatuoGPT-o1 is built on (Llama-3, Llama-3.1/3.2 and Qwen2.5's ChatML) and
-write each one out by hand in a few auditable lines. The few values that vary
-between checkpoints (ChatML's default system prompt, Llama-3.1's date and
-knowledge cutoff) are read from the template source with regexes instead of
-being hard-coded. tests/test_tokenizer.py proves the output matches
-transformers' `apply_chat_template` token for token.
+Hugging Face checkpoints describe their chat format as a Jinja program: the
+file chat_template.jinja (written by transformers >= 4.43) or the
+`chat_template` entry of tokenizer_config.json (older checkpoints). When both
+exist the .jinja file wins, as in transformers' own loading. We deliberately do
+not run Jinja at run time: it would add a dependency, and a template is code
+shipped with a checkpoint that can do anything. Instead we recognise the
+handful of formats HuatuoGPT-o1 is built on (Llama-3, Llama-3.1/3.2 and
+Qwen2.5's ChatML, plus this project's `plain` format) and write each one out by
+hand in a few auditable lines. The few values that vary between checkpoints
+(ChatML's default system prompt, Llama-3.1's date and knowledge cutoff) are
+read from the template source with regexes instead of being hard-coded.
+tests/test_tokenizer.py proves the output matches transformers'
+`apply_chat_template` token for token.
+
+A template we do not recognise, or no template at all (a base model), is never
+replaced by a guessed format: loading still succeeds (encode/decode, `generate
+--raw` and classifiers need no chat format), and rendering a chat raises a
+ValueError naming the file and `chat_format` (`--chat-template NAME`), the way
+to pick one of the hand-written formats explicitly.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from tokenizers import Tokenizer as _Backend
 
 ROLES = ("system", "user", "assistant")
 KINDS = ("llama3", "llama3.1", "chatml", "plain")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.43 writes the template here
 
 # ChatML's default system prompt, e.g. in Qwen2.5:
 #   {{- '<|im_start|>system\nYou are Qwen, ...<|im_end|>\n' }}
@@ -34,6 +44,13 @@ _CHATML_DEFAULT_RE = re.compile(r"<\|im_start\|>system(?:\\n|\n)([^'\"]*?)<\|im_
 _DATE_RE = re.compile(r"set\s+date_string\s*=\s*[\"']([^\"']+)[\"']")
 # Llama-3.1: {{- "Cutting Knowledge Date: December 2023\n" }}
 _CUTOFF_RE = re.compile(r"Cutting Knowledge Date:[ \t]*([^\"'\\\n]+)")
+# plain (world_pretrain.PLAIN_JINJA): the role itself is written between "<|" and "|>",
+#   <|{{ m['role'] }}|>   (also message.role, and the whitespace-control dashes)
+_PLAIN_ROLE_RE = re.compile(r"<\|\{\{-?\s*\w+(?:\[\s*['\"]role['\"]\s*\]|\.role)\s*-?\}\}\|>")
+# The special tokens of the plain format; a vocabulary holding all of them and no
+# other format's markers can only have been made for it (see Tokenizer.from_dir).
+_PLAIN_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+_OTHER_MARKERS = ("<|im_start|>", "<|start_header_id|>")
 
 
 def _unescape(s: str) -> str:
@@ -130,14 +147,16 @@ def _check_messages(messages) -> None:
             raise ValueError(f"message {i}: content must be a str, got {type(m.get('content')).__name__}")
 
 
-def detect_template(chat_template_source: str | None, date_string: str | None = None) -> ChatTemplate:
-    """Recognise the format a Jinja chat template produces, from its source text.
+def detect_template(chat_template_source: str | None, date_string: str | None = None) -> ChatTemplate | None:
+    """Recognise the format a Jinja chat template produces, from its source text;
+    None when it is none of ours (or there is no source): the caller decides
+    what that means, we never guess.
 
     `date_string` overrides the llama3.1 "Today Date" (for reproducibility).
     """
     src = chat_template_source
     if not isinstance(src, str):
-        return ChatTemplate("plain")
+        return None
     if "<|im_start|>" in src:
         m = _CHATML_DEFAULT_RE.search(src)
         # Fallback None: a ChatML template without a recognisable default
@@ -155,7 +174,42 @@ def detect_template(chat_template_source: str | None, date_string: str | None = 
         return ChatTemplate("llama3.1", date_string=date_string, knowledge_cutoff=cutoff)
     if "<|start_header_id|>" in src:
         return ChatTemplate("llama3")
-    return ChatTemplate("plain")
+    if _PLAIN_ROLE_RE.search(src) and "<|end|>" in src:
+        # Only the shape we write ourselves (role spliced into "<|...|>"). Phi-3,
+        # which spells out '<|user|>' etc. and appends eos_token, is not it.
+        return ChatTemplate("plain")
+    return None
+
+
+def read_chat_template(path: str, cfg: dict) -> tuple[str | None, str]:
+    """The checkpoint's Jinja source and the file it came from (for messages).
+
+    chat_template.jinja first: transformers' from_pretrained lets "independent
+    chat template file(s)" take priority over the tokenizer_config entry, and
+    save_pretrained (>= 4.43) writes the file and drops the entry. In
+    tokenizer_config.json the entry is a string, or (multi-template
+    checkpoints) a list of {"name", "template"} of which transformers uses
+    "default" when none is asked for; so do we. Source None: no template.
+    """
+    jinja = os.path.join(path, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(jinja):
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                return f.read(), jinja
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja}: not UTF-8 text ({e})") from e
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    src = cfg.get("chat_template")
+    if src is None or isinstance(src, str):
+        return src, cfg_file
+    if isinstance(src, list):
+        named = {t.get("name"): t.get("template") for t in src if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"], f"{cfg_file} (chat_template 'default')"
+        raise ValueError(f"{cfg_file}: field 'chat_template': a list of named templates without a 'default' "
+                         f"one (names: {sorted(map(str, named))})")
+    raise ValueError(f"{cfg_file}: field 'chat_template': expected a string or a list of "
+                     f"{{\"name\", \"template\"}}, got {type(src).__name__}")
 
 
 def _read_json(path: str) -> dict | None:
@@ -186,19 +240,50 @@ def _as_list(v) -> list[int]:
 
 
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus the special ids and chat format of a checkpoint."""
+    """A `tokenizers.Tokenizer` plus the special ids and chat format of a checkpoint.
+
+    When the checkpoint's chat format is unknown there is no template (the
+    `template` property raises) and `template_error` says why: only rendering a
+    chat fails, with that message; encode and decode work as always.
+    """
 
     def __init__(self, backend: _Backend, *, bos_id: int | None, eos_ids: list[int], pad_id: int,
-                 template: ChatTemplate):
+                 template: ChatTemplate | None, template_error: str | None = None):
         self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = list(eos_ids)
+        # the tokenizer's own eos_token (tokenizer_config.json), the one id the official PPO run
+        # stops at (TRL: tokenizer.eos_token_id); from_dir sets it, else the first stop id
+        self.eos_token_id = self.eos_ids[0] if self.eos_ids else None
         self.pad_id = pad_id
-        self.template = template
+        self._template = template
+        self.template_error = template_error if template is None else None
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The chat format; ValueError (naming the checkpoint's file and the way out) when unknown."""
+        if self._template is None:
+            raise ValueError(self.template_error or f"no chat template; pass chat_format, one of {', '.join(KINDS)}")
+        return self._template
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, date_string: str | None = None) -> "Tokenizer":
+    def from_dir(cls, path: str | os.PathLike, date_string: str | None = None,
+                 chat_format: str | None = None) -> "Tokenizer":
+        """Load tokenizer.json and the special tokens and chat format of a checkpoint directory.
+
+        chat_format: one of KINDS to use that hand-written format and ignore the
+        checkpoint's own template, parameters included (ChatML then gets no
+        default system prompt, llama3.1 the December 2023 cutoff). None: the
+        format is recognised from the checkpoint's template (`read_chat_template`);
+        when that fails, loading succeeds and only rendering a chat raises.
+        """
         path = os.fspath(path)
+        if chat_format is not None and chat_format not in KINDS:
+            raise ValueError(f"chat format {chat_format!r}: expected one of {', '.join(KINDS)}")
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise FileNotFoundError(f"no tokenizer.json in {path!r} (looked for {tok_file!r})")
@@ -237,15 +322,20 @@ class Tokenizer:
         else:
             bos_id = next(iter(_as_list(gen.get("bos_token_id"))), None)
 
+        template, template_error = cls._chat_template(path, cfg, backend, chat_format, date_string)
+
         # EOS: generation stops on any of them. Llama-3.1-Instruct lists
         # [<|end_of_text|>, <|eom_id|>, <|eot_id|>] in generation_config while
         # tokenizer_config names only <|eot_id|>; take the union, in order.
+        # The token that closes an assistant turn in the chat format is always
+        # one of them: a chat reply ends there even when the configs name only
+        # the end of a document (the plain format's <|end|>, a base model given
+        # a format with chat_format).
         eos_ids = _as_list(gen.get("eos_token_id"))
         eos = _token_str(cfg.get("eos_token"))
-        template = detect_template(cfg.get("chat_template"), date_string)
         extra = [tid(eos)] if eos else []
-        if template.kind == "plain" and backend.token_to_id("<|end|>") is not None:
-            extra.append(backend.token_to_id("<|end|>"))  # the plain format's stop token
+        if template is not None and backend.token_to_id(template.end_of_turn) is not None:
+            extra.append(backend.token_to_id(template.end_of_turn))
         for i in extra:
             if i not in eos_ids:
                 eos_ids.append(i)
@@ -263,9 +353,38 @@ class Tokenizer:
             pad_id = eos_ids[0] if eos_ids else 0
 
         # The Llama templates write {{ bos_token }}, i.e. the configured string.
-        if template.kind in ("llama3", "llama3.1"):
+        if template is not None and template.kind in ("llama3", "llama3.1"):
             template.bos_token = _token_str(cfg.get("bos_token")) or template.bos_token
-        return cls(backend, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id, template=template)
+        tokenizer = cls(backend, bos_id=bos_id, eos_ids=eos_ids, pad_id=pad_id, template=template,
+                        template_error=template_error)
+        if eos:
+            tokenizer.eos_token_id = tid(eos)
+        return tokenizer
+
+    @staticmethod
+    def _chat_template(path: str, cfg: dict, backend: _Backend, chat_format: str | None,
+                       date_string: str | None) -> tuple[ChatTemplate | None, str | None]:
+        """(template, None), or (None, the message that rendering a chat will raise)."""
+        if chat_format is not None:
+            return ChatTemplate(chat_format, date_string=date_string), None
+        src, where = read_chat_template(path, cfg)
+        how = (f"pass chat_format=NAME (the --chat-template NAME flag) to use one of the hand-written "
+               f"formats: {', '.join(KINDS)}")
+        if src is not None:
+            template = detect_template(src, date_string)
+            if template is None:
+                return None, (f"{where}: chat template not recognised as any hand-written format "
+                              f"(Llama-3, Llama-3.1/3.2, ChatML, plain); {how}")
+            return template, None
+        # No template anywhere. Our own tiny checkpoints (tests, benchmarks) are
+        # saved without one; a vocabulary holding every role token of the plain
+        # format and no other format's markers was made for the plain format.
+        vocab = backend.get_vocab(with_added_tokens=True)
+        if all(t in vocab for t in _PLAIN_TOKENS) and not any(t in vocab for t in _OTHER_MARKERS):
+            return ChatTemplate("plain"), None
+        return None, (f"{path}: no chat template (neither {CHAT_TEMPLATE_FILE} nor a 'chat_template' in "
+                      f"tokenizer_config.json; a base model?), so it cannot render a chat; {how}; or encode "
+                      f"the prompt as is (generate --raw)")
 
     @property
     def vocab_size(self) -> int:

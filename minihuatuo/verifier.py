@@ -120,13 +120,22 @@ def render(template: str, **values: str) -> str:
     return re.sub(r"\{(" + "|".join(values) + r")\}", lambda m: values[m.group(1)], template)
 
 
-def parse_verdict(reply: str) -> bool:
-    """True only for a reply that is exactly "True" (after trimming whitespace and one trailing
-    period). "true and false", "not true", "True or False?", "**True**" and "" are all False.
+JUDGE_PARSES = ("strict", "official")  # how a judge's reply becomes a verdict; see parse_verdict
 
-    The official search script (search_for_complex_reasoning_path.py, verify_gpt) instead counts a
-    reply as True when the substring "true" appears anywhere in it, case-insensitively, so "Not
-    true." or "It is not True" pass there; see notes/verifier.md."""
+
+def parse_verdict(reply: str, rule: str = "strict") -> bool:
+    """rule "strict" (ours, the default): True only for a reply that is exactly "True" (after
+    trimming whitespace and one trailing period). "true and false", "not true", "True or False?",
+    "**True**" and "" are all False.
+
+    rule "official": the official search script's reading (search_for_complex_reasoning_path.py,
+    verify_gpt): True when the substring "true" appears anywhere in the lowercased reply, so "Not
+    true.", "It is not True", "untrue" and "True or False?" pass too. Offered to reproduce the
+    official pipeline's verdicts, not as a better rule; see notes/verifier.md and notes/search.md."""
+    if rule == "official":
+        return "true" in reply.lower()
+    if rule != "strict":
+        raise ValueError(f"judge verdict rule {rule!r}: expected one of {', '.join(JUDGE_PARSES)}")
     s = reply.strip()
     if s.endswith("."):
         s = s[:-1].rstrip()
@@ -140,9 +149,16 @@ class LLMJudgeVerifier:
 
     backend: Backend
     prompt: str = JUDGE_PROMPT
-    max_tokens: int = 8  # the verdict is one word; a longer reply cannot parse as True anyway
+    # the verdict is one word; a longer reply cannot parse as True under the strict rule (the
+    # official script lets the judge write up to 8192 tokens, which matters with parse="official")
+    max_tokens: int = 8
     temperature: float = 0.0  # greedy: the same pair gets the same verdict
     name: str = "llm"
+    parse: str = "strict"  # parse_verdict's rule: "strict" (ours) or "official" (substring "true")
+
+    def __post_init__(self):
+        if self.parse not in JUDGE_PARSES:
+            raise ValueError(f"judge_parse: expected one of {', '.join(JUDGE_PARSES)}, got {self.parse!r}")
 
     def request(self, response: str, reference: str) -> ChatRequest:
         content = render(self.prompt, response=response, reference=reference)
@@ -158,7 +174,7 @@ class LLMJudgeVerifier:
         replies = self.backend.complete([self.request(r, y) for r, y in pairs])  # one call: batched
         if len(replies) != len(pairs):
             raise ValueError(f"backend returned {len(replies)} replies for {len(pairs)} requests")
-        return [bool(c) and parse_verdict(c[0]) for c in replies]
+        return [bool(c) and parse_verdict(c[0], self.parse) for c in replies]
 
 
 # ----------------------------------------------------------------------------- classifier

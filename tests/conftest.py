@@ -79,3 +79,19 @@ def toy(tmp_path_factory):
     probs = [{"Open-ended Verifiable Question": f"Say {c}.", "Ground-True Answer": "red"} for c in COLORS]
     (root / "problems.json").write_text(json.dumps(probs))
     return root
+
+
+@pytest.fixture
+def cpu_kernels():
+    """The compiled CPU kernels, asserted to have built: skips where no compiler exists (or the
+    reference is forced), FAILS where one exists and the build did not give the CPU kernels — so a
+    test that compares the kernels with the reference never compares the reference with itself."""
+    import os
+    import shutil
+
+    from minihuatuo import kernels as K
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None or K.force_reference:
+        pytest.skip("no C++ compiler / ninja (or MINIHUATUO_KERNELS=reference): no compiled kernels to compare")
+    assert K.backend("cpu") == "cpu", "the CPU kernels did not build (see stderr)"
+    return K

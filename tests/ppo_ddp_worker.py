@@ -21,7 +21,7 @@ root, out = Path(sys.argv[1]), Path(sys.argv[2])
 d = init_distributed()
 cfg = PPOConfig(response_length=64, max_prompt_length=64, temperature=1.0, early_stop=True, batch_size=16,
                 micro_batch_size=4, ppo_epochs=2, num_mini_batches=1, lr=1e-3, vf_coef=0.5, beta=0.01,
-                value_head="separate", seed=3)
+                value_head="separate", seed=3, drop_last=False)
 policy_dir = root / "sft" / "final"
 tok = Tokenizer.from_dir(policy_dir)
 ac, ref = build_models(cfg, policy_dir, None, "cpu")

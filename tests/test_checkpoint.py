@@ -157,3 +157,26 @@ def test_save_is_atomic_and_replaces_an_existing_checkpoint(saved, monkeypatch):
     save_model(model, path)
     assert torch.equal(load_model(path).model.norm.weight, model.model.norm.weight)
     assert [p.name for p in path.parent.iterdir()] == ["ckpt"]
+
+
+def test_saving_copies_chat_template_jinja(tmp_path):
+    """transformers >= 4.43 keeps the chat template in chat_template.jinja; a saved copy must keep it,
+    or the new checkpoint would silently lose its chat format (here ChatML would become plain)."""
+    from conftest import write_plain_tokenizer
+
+    from minihuatuo.tokenizer import Tokenizer
+
+    src = write_plain_tokenizer(tmp_path / "tok")
+    jinja = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nCopied along.<|im_end|>\\n' }}"
+             "{%- endif %}{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+             "'<|im_end|>\\n' }}{%- endfor %}"
+             "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+    (src / "chat_template.jinja").write_text(jinja, encoding="utf-8")
+    out = save_model(build_model(preset("tiny", vocab_size=320), seed=0), tmp_path / "ckpt", copy_files_from=src)
+    assert (out / "chat_template.jinja").read_bytes() == (src / "chat_template.jinja").read_bytes()
+    assert Tokenizer.from_dir(out).render_chat([{"role": "user", "content": "Hi"}]) == (
+        "<|im_start|>system\nCopied along.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    # a source without the file: nothing is invented
+    (src / "chat_template.jinja").unlink()
+    out = save_model(build_model(preset("tiny", vocab_size=320), seed=0), tmp_path / "ckpt2", copy_files_from=src)
+    assert not (out / "chat_template.jinja").exists()

@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from minihuatuo.evaluate import (Extraction, explicit_answers, extract_choice, final_response, isolated_letters,
                                  option_mentions, render_prompt, score)
-from minihuatuo.formats import MCQItem
+from minihuatuo.formats import MCQItem, read_mcq
+from minihuatuo.scorer_official import clean_output, official_choice
+
+DEMO = Path(__file__).resolve().parents[2] / "shared" / "reference" / "medical_o1_demo_150.json"
 
 OPTS = {"A": "Iron deficiency", "B": "Iron deficiency anemia", "C": "Vitamin B12 deficiency",
         "D": "Parvovirus B19 infection", "E": "Folate deficiency"}
@@ -118,12 +122,33 @@ def test_score_by_hand():
     assert med["steps"] == {"explicit": 1, "letter": 1, "text": 1, "similar": 0, "none": 0}
     assert (pub["n"], pub["correct_first"], pub["correct_last"], pub["acc_official"]) == (2, 1, 1, 0.5)
     assert pub["steps"]["none"] == 1
-    assert r["average"] == {"acc_first": 0.5, "acc_last": 0.625, "acc_official": 0.625}  # mean over sources
+    assert r["scorer"] == "strict" and r["average"]["strict"] == {"acc_first": 0.5, "acc_last": 0.625, "acc_max": 0.625}
+    # the flat keys are the chosen scorer's (strict here): the same names and values as before
+    assert {k: r["average"][k] for k in ("acc_first", "acc_last", "acc_official")} == \
+        {"acc_first": 0.5, "acc_last": 0.625, "acc_official": 0.625}  # mean over sources
+    assert med["strict"]["acc_max"] == 0.75 and med["strict"]["n"] == 4
     assert r["missing_ids"] == ["q3"] and r["unmatched_output_ids"] == ["zz"]
     by_id = {row["id"]: row for row in r["items"]}
     assert (by_id["q1"]["first"], by_id["q1"]["last"], by_id["q1"]["step"]) == ("A", "B", "letter")
-    assert by_id["q3"] == {"id": "q3", "source": "MedQA", "answer_idx": "D", "first": None, "last": None,
-                           "step": "missing", "correct_first": False, "correct_last": False}
+    missing = {"first": None, "last": None, "step": "missing", "correct_first": False, "correct_last": False}
+    assert by_id["q3"] == {"id": "q3", "source": "MedQA", "answer_idx": "D", **missing,
+                           "strict": missing, "official": missing}
+    # the official scorer on the same outputs: q1 "A looks..." gives B only ("A " is never a letter);
+    # p0 "(B)" is no step-1 match but a step-2 one; p1 "" is dropped, so PubMedQA is 1 of 1
+    om, op = med["official"], pub["official"]
+    assert (om["n"], om["correct_first"], om["correct_last"], om["acc_max"], om["dropped"]) == (4, 3, 3, 0.75, 0)
+    assert om["steps"] == {"explicit": 1, "letter": 1, "text": 1, "similar": 0, "none": 0}
+    assert (op["n"], op["correct_first"], op["correct_last"], op["acc_max"], op["dropped"]) == (1, 1, 1, 1.0, 1)
+    assert r["average"]["official"] == {"acc_first": 0.875, "acc_last": 0.875, "acc_max": 0.875}
+    assert r["dropped_ids"] == ["p1"] and by_id["p1"]["official"]["step"] == "dropped"
+    assert (by_id["q1"]["official"]["first"], by_id["q1"]["official"]["last"]) == ("B", "B")
+    o = score(items(), OUTPUTS, scorer="official")  # the chosen scorer's figures become the flat ones
+    assert o["scorer"] == "official" and o["sources"]["PubMedQA"]["n"] == 1
+    assert o["sources"]["PubMedQA"]["acc_official"] == 1.0 and o["average"]["acc_official"] == 0.875
+    assert o["sources"]["PubMedQA"]["strict"]["acc_max"] == 0.5  # both scorers in either report
+    assert {row["id"]: row["step"] for row in o["items"]}["p1"] == "dropped"
+    with pytest.raises(ValueError, match="unknown scorer"):
+        score(items(), OUTPUTS, scorer="lenient")
 
 
 def run(*args):
@@ -187,3 +212,143 @@ def test_cli_generates_with_a_local_model_then_resumes(tmp_path, tiny_checkpoint
 
 def test_extraction_is_a_dataclass_with_three_fields():
     assert Extraction("A", "B", "letter") == Extraction(first="A", last="B", step="letter")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the official scorer (`--scorer official`), quirks included; every expected value derived by hand
+# from the algorithm in notes/eval.md
+
+O4 = {"A": "Anemia", "B": "Hypertension", "C": "Sepsis", "D": "Gout"}
+YES_NO = {"A": "yes", "B": "no", "C": "maybe"}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is K.", ("K", "K", "explicit")),  # step 1 takes any of A-N, not only the item's A-D
+    ("the answer is Hypertension", ("H", "H", "explicit")),  # nothing required after the letter
+    ("At first the answer is D; on reflection the answer is\nA.", ("D", "A", "explicit")),  # first and last
+    ("the answer is b, not gout", ("D", "D", "text")),  # step 1 is case-sensitive: "b" falls to step 3
+])
+def test_official_step1(text, expected):
+    assert official_choice(text, O4) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A patient with B.", ("B", "B", "letter")),  # "A" + space is never a letter (the article rule)...
+    ("A is wrong, so C.", ("C", "C", "letter")),  # ... even when it is one
+    ("(A) is wrong, so C", ("A", "C", "letter")),
+    ("B or maybe C.", ("B", "C", "letter")),
+    ("A,B", ("A", "A", "letter")),  # the "," after A is consumed, so B has nothing before it
+    ("A, B", ("A", "B", "letter")),
+    ("答案是C。", ("C", "C", "letter")),  # CJK before, CJK punctuation after
+    ("答案为B项", ("B", "B", "letter")),
+])
+def test_official_step2(text, expected):
+    assert official_choice(text, O4) == expected
+
+
+def test_official_steps3_and_4():
+    assert official_choice("It is not known.", YES_NO) == ("B", "B", "text")  # "no" inside "not"
+    # first = the option whose FIRST occurrence is latest (fever, at 12), not the first mentioned (cough)
+    assert official_choice("cough, then fever, then cough again", {"A": "fever", "B": "cough", "C": "rash"}) == \
+        ("A", "B", "text")
+    # both options start at 0: the tie goes to the earlier option, in either order
+    assert official_choice("iron deficiency anemia", {"A": "iron deficiency anemia", "B": "iron deficiency"}) == \
+        ("A", "A", "text")
+    assert official_choice("iron deficiency anemia", {"A": "iron deficiency", "B": "iron deficiency anemia"}) == \
+        ("A", "A", "text")
+    # difflib: ties go to the later option, all-zero ratios included (ours: to the earlier one)
+    assert official_choice("123", {"A": "xyz", "B": "qqq"}) == ("B", "B", "similar")
+    assert official_choice("a", {"A": "ab", "B": "ba"}) == ("B", "B", "similar")  # 2*1/3 each
+    assert ex("a", {"A": "ab", "B": "ba"}) == ("A", "A", "similar")
+
+
+def test_official_final_response_split_and_clean_up():
+    thinking = "## Thinking\n\nthe answer is B\n\n## Final Response"
+    assert official_choice(thinking + "\n\nThe answer is C.", O4) == ("C", "C", "explicit")
+    # one newline after the heading: no split, so the thinking's letter is the first match (ours splits)
+    assert official_choice(thinking + "\nThe answer is C.", O4) == ("B", "C", "explicit")
+    assert ex(thinking + "\nThe answer is C.", O4) == ("C", "C", "explicit")
+    lower_heading = thinking.replace("Final Response", "final response")  # case-sensitive too
+    assert official_choice(lower_heading + "\n\nThe answer is C.", O4) == ("B", "C", "explicit")
+    assert [clean_output(x) for x in ("</s> x", " </s> y", "  z", "a</s>b</s>", " ", "</s>")] == \
+        ["x", " y", " z", "ab", "", ""]
+
+
+def test_official_drop_and_per_source_max():
+    it = [MCQItem("a1", "?", YES_NO, "A", "S1"), MCQItem("a2", "?", YES_NO, "B", "S1"),
+          MCQItem("a3", "?", YES_NO, "C", "S1"), MCQItem("b1", "?", YES_NO, "A", "S2")]
+    outs = {"a1": "yes at first, then no, then yes again",  # first: no (index 19), last: yes (28)
+            "a2": "</s>", "a3": " ",  # dropped (official), wrong (strict)
+            "b1": "</s> </s>"}  # " " -> "": the only item of S2, dropped
+    r = score(it, outs, scorer="official")
+    s1, s2 = r["sources"]["S1"]["official"], r["sources"]["S2"]["official"]
+    assert (s1["n"], s1["dropped"], s1["acc_first"], s1["acc_last"], s1["acc_max"]) == (1, 2, 0.0, 1.0, 1.0)
+    assert (s2["n"], s2["dropped"], s2["acc_max"]) == (0, 1, None)
+    assert r["average"]["official"] == {"acc_first": 0.0, "acc_last": 1.0, "acc_max": 1.0}  # S2 has no figure
+    assert r["dropped_ids"] == ["a2", "a3", "b1"]
+    st = r["sources"]["S1"]["strict"]
+    assert (st["n"], st["correct_first"], st["correct_last"]) == (3, 1, 1)  # strict: "yes" first and last
+
+
+def test_official_agrees_with_strict_on_plain_answers_of_the_150_items():
+    if not DEMO.exists():
+        pytest.skip("../shared/reference/medical_o1_demo_150.json is absent")
+    items150 = read_mcq(DEMO)
+    r = score(items150, {it.id: f"The answer is {it.answer_idx}." for it in items150}, scorer="official")
+    assert r["sources"]["medical_o1_demo_150"]["official"]["acc_max"] == 1.0
+    assert r["sources"]["medical_o1_demo_150"]["strict"]["acc_first"] == 1.0
+    # "The answer is <option text>.": step 1 reads the text's first character when it is a capital A-N
+    r = score(items150, {it.id: f"The answer is {it.answer}." for it in items150}, scorer="official")
+    for it, row in zip(items150, r["items"]):
+        if it.answer[0] in "ABCDEFGHIJKLMN":
+            assert (row["first"], row["last"], row["step"]) == (it.answer[0], it.answer[0], "explicit")
+        else:
+            assert row["step"] != "explicit"
+
+
+def test_cli_contract_official_scorer(tmp_path):
+    o = {"A": "alpha", "B": "beta", "C": "gamma", "D": "delta"}
+    groups = {"MedQA": [{"id": f"m{i}", "question": "?", "options": o, "answer_idx": a}
+                        for i, a in enumerate("ABCDBA")],
+              "PubMedQA": [{"id": f"p{i}", "question": "?", "options": YES_NO, "answer_idx": a}
+                           for i, a in enumerate("ACB")]}
+    data = tmp_path / "bench.json"
+    data.write_text(json.dumps(groups))
+    outs = {"m0": "The answer is A.",  # A, right
+            "m1": "B or maybe C.",  # B first (right), C last (wrong)
+            "m2": "The answer is Gamma.",  # official: G (wrong); strict: option text C (right)
+            "m3": "", "m4": " ",  # official: dropped; strict: wrong
+            # m5: no output: wrong in both
+            "p0": "yes at first, then no, then yes again",  # official: no first (wrong), yes last; strict: yes, yes
+            "p1": "Maybe.",  # maybe: right
+            "p2": ""}  # official: dropped; strict: wrong
+    outputs = tmp_path / "outputs.jsonl"
+    outputs.write_text("".join(json.dumps({"id": k, "output": v}) + "\n" for k, v in outs.items()))
+    report = tmp_path / "report.json"
+    r = run("eval", "--data", str(data), "--outputs", str(outputs), "--report", str(report), "--scorer", "official")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["source", "n", "first", "%", "last", "%", "official", "%", "missing", "dropped",
+                                "explicit/letter/text/similar/none"]
+    # MedQA: n 4 (6 minus 2 dropped), first 2 of 4, last 1 of 4 -> official 50%; PubMedQA: n 2, 1 and 2 of 2
+    assert lines[2].split() == ["MedQA", "4", "50.0", "25.0", "50.0", "1", "2", "2/1/0/0/0"]
+    assert lines[3].split() == ["PubMedQA", "2", "50.0", "100.0", "100.0", "0", "1", "0/0/2/0/0"]
+    assert lines[4].split() == ["average", "6", "50.0", "62.5", "75.0", "1", "3"]
+    assert "3 item(s) have an empty output and are dropped" in r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["scorer"] == "official" and rep["dropped_ids"] == ["m3", "m4", "p2"] and rep["missing_ids"] == ["m5"]
+    med, pub = rep["sources"]["MedQA"], rep["sources"]["PubMedQA"]
+    assert (med["official"]["acc_max"], pub["official"]["acc_max"]) == (0.5, 1.0)
+    assert (med["acc_official"], pub["acc_official"], rep["average"]["acc_official"]) == (0.5, 1.0, 0.75)
+    # the strict scorer's figures are in the same report: MedQA first 3 of 6, last 2 of 6; PubMedQA 2 of 3
+    assert (med["strict"]["n"], med["strict"]["correct_first"], med["strict"]["correct_last"]) == (6, 3, 2)
+    assert (pub["strict"]["n"], pub["strict"]["correct_first"], pub["strict"]["correct_last"]) == (3, 2, 2)
+    assert med["strict"]["acc_max"] == 0.5 and pub["strict"]["acc_max"] == pytest.approx(2 / 3)
+    assert med["strict"]["steps"] == {"explicit": 1, "letter": 1, "text": 1, "similar": 0, "none": 2}
+    # the default scorer's table: strict figures, its max column no longer called "official"
+    r = run("eval", "--data", str(data), "--outputs", str(outputs))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[:9] == ["source", "n", "first", "%", "last", "%", "max", "%", "missing"]
+    assert lines[2].split() == ["MedQA", "6", "50.0", "33.3", "50.0", "1", "1/1/1/0/2"]
+    assert lines[3].split() == ["PubMedQA", "3", "66.7", "66.7", "66.7", "0", "0/0/2/0/1"]

@@ -1,7 +1,8 @@
-"""The stage-2 comparison variants (issue 6, ppo-spec.md §6, checklist 37–38): RLOO, GRPO and DPO.
+"""The stage-2 comparison variants (issue 6, notes/rl_variants.md, checklist 37–38 of notes/ppo.md): RLOO, GRPO and DPO.
 Hand-computed values for every formula, then learning on the `toy` task (conftest.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -32,15 +33,39 @@ def one_thread():
 # ----------------------------------------------------------------------------- RLOO by hand
 
 
-def test_rloo_official_preset_is_ppo_plus_k2():
-    c = rloo.PRESETS["official"]  # paper App. F: "parameters identical to PPO", k = 2 (checklist 37)
-    assert (c.rloo_k, c.batch_size, c.lr, c.beta, c.clip, c.ppo_epochs, c.temperature, c.response_length) == \
-        (2, 128, 5e-7, 0.03, 0.2, 3, 0.5, 1300)
-    assert not c.normalize_advantage and math.ceil(c.total_episodes / c.batch_size) == 157
+def test_rloo_official_preset_is_ppo_plus_k2(toy, monkeypatch):
+    """Paper App. F: RLOO with "parameters identical to PPO" and k = 2 (checklist 37). Every knob RLOO
+    shares with PPO has PPO's official value; and one official update (sizes shrunk) samples each
+    prompt exactly twice, in blocks, and steps the optimizer once per PPO epoch."""
+    import dataclasses
+
+    from minihuatuo.ppo import PRESETS as PPO_PRESETS
+    from minihuatuo.sft import Dist
+
+    c, ppo = rloo.PRESETS["official"], PPO_PRESETS["official"]
+    shared = {f.name for f in dataclasses.fields(c)} & {f.name for f in dataclasses.fields(ppo)}
+    assert len(shared) >= 15 and all(getattr(c, n) == getattr(ppo, n) for n in shared), \
+        {n: (getattr(c, n), getattr(ppo, n)) for n in shared if getattr(c, n) != getattr(ppo, n)}
     with pytest.raises(ValueError, match="rloo_k"):
         rloo.RLOOConfig(rloo_k=1)
     with pytest.raises(ValueError, match="multiple"):
         rloo.RLOOConfig(rloo_k=3, batch_size=128)
+
+    prompts_seen = []
+    real = rloo.rollout
+    monkeypatch.setattr(rloo, "rollout", lambda *a, **k: prompts_seen.append(a[2]) or real(*a, **k))
+    small = dataclasses.replace(c, response_length=8, max_prompt_length=64, batch_size=8, micro_batch_size=8,
+                                total_episodes=8)
+    policy = load_model(toy / "sft" / "final")
+    ref = load_model(toy / "sft" / "final").requires_grad_(False)
+    steps = []
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    monkeypatch.setattr(opt, "step", lambda *a, **k: steps.append(1))
+    rloo.update(0, 1, small, policy, ref, Tokenizer.from_dir(toy / "sft" / "final"),
+                read_problems(toy / "problems.json"), ExactMatchVerifier(), opt, Dist(), RewardConfig())
+    (rows,) = prompts_seen
+    assert len(rows) == 8 and rows[:4] == rows[4:] and len({tuple(r) for r in rows[:4]}) == 4  # k = 2 blocks
+    assert len(steps) == 3  # one optimizer step per PPO epoch
 
 
 def test_leave_one_out_baseline_by_hand():
@@ -82,6 +107,26 @@ def test_sequence_level_ratio_and_clip_by_hand():
                                                        [0.0, 0.0, 0.0]]))
 
 
+def test_sequence_ratio_stays_finite_past_fp32_overflow():
+    """Σ_t log ρ_t over a long reply passes 88.7 easily once the policy has moved; exp then overflows
+    fp32. The clamp at MAX_LOG_RATIO keeps loss and gradient finite (issue 17, point 7), and below the
+    bound the numbers are TRL's (the test above)."""
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    old = torch.zeros(2, 100)
+    new = torch.full((2, 100), 1.0, requires_grad=True)  # Σ log ρ = 100 > 88.7 in both rows
+    loss, clipped, log_ratio = rloo.sequence_policy_loss(new, old, torch.tensor([1.0, -1.0]), mask, clip=0.2)
+    assert log_ratio.tolist() == [100.0, 100.0]  # reported unclamped
+    bound = math.exp(rloo.MAX_LOG_RATIO)
+    # A > 0: the clipped branch −1.2 wins; A < 0: ρ itself, clamped at e^20
+    torch.testing.assert_close(loss, torch.tensor([-1.2, bound]))
+    loss.sum().backward()
+    assert torch.isfinite(new.grad).all()
+    assert new.grad.abs().max() == 0.0  # beyond the bound the gradient is cut (A > 0: already 0 in TRL)
+    new2 = torch.full((1, 100), 0.15, requires_grad=True)  # Σ = 15 < 20: TRL's gradient exactly, ρ·|A| per token
+    rloo.sequence_policy_loss(new2, old[:1], torch.tensor([-1.0]), mask[:1], clip=0.2)[0].sum().backward()
+    torch.testing.assert_close(new2.grad, torch.full((1, 100), math.exp(15.0)), rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------- GRPO by hand
 
 def test_group_advantages_by_hand():
@@ -115,6 +160,24 @@ def test_grpo_loss_by_hand_with_k3():
     assert new2.grad[0, 0] > 0 > new2.grad[0, 1]  # descent lowers the raised log-prob and raises the lowered one
 
 
+def test_grpo_loss_is_finite_with_a_very_unlikely_padding_slot():
+    """A padding slot may hold log π = −100 (after temperature, any value): k3 there exponentiates
+    ref − new = 100, which is inf in fp32, and a mask applied after exp gives inf·0 = NaN. The mask goes
+    before exp (issue 17, point 6): loss and gradient equal those with a harmless padding value."""
+    mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
+    old, ref = torch.zeros(1, 3), torch.zeros(1, 3)
+    results = []
+    for pad in (-100.0, 0.0):
+        new = torch.tensor([[0.3, -0.4, pad]], requires_grad=True)
+        loss, clipfrac, kl = grpo.grpo_loss(new, old, ref, torch.tensor([1.0]), mask, clip=0.2, beta=0.1)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(kl).all() and torch.isfinite(new.grad).all(), pad
+        results.append((loss.detach(), kl.detach(), new.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert results[0][2][0, 2] == 0.0  # no gradient into the padding slot
+
+
 # ----------------------------------------------------------------------------- DPO by hand
 
 def test_make_pairs():
@@ -142,9 +205,23 @@ def test_dpo_loss_by_hand_and_its_gradient_sign():
     assert ls[0].item() == pytest.approx(0.9 * math.log1p(math.exp(-0.5)) + 0.1 * math.log1p(math.exp(0.5)))
 
 
-def test_dpo_paper_preset():
-    c = dpo.PRESETS["paper"]  # paper App. F (checklist 38)
-    assert (c.samples_per_problem, c.beta, c.lr, c.batch_size, c.label_smoothing) == (5, 1.0, 1e-6, 128, 0.0)
+def test_dpo_paper_preset_samples_five_per_problem_and_uses_beta_one(toy, tmp_path):
+    """Paper App. F (checklist 38): N = 5 offline samples per question, verifier-labelled pairs, β = 1.
+    The `paper` preset with only the lengths shrunk: each problem's record holds 5 scored samples and
+    its pairs join a verified and an unverified one; the loss on the preset's β is −log σ(1 · margin)."""
+    c = dataclasses.replace(dpo.PRESETS["paper"], response_length=48, max_prompt_length=64)
+    stats = dpo.build_pairs(c, load_model(toy / "sft" / "final"), Tokenizer.from_dir(toy / "sft" / "final"),
+                            read_problems(toy / "problems.json"), ExactMatchVerifier(), tmp_path / "pairs.jsonl",
+                            progress=False)
+    records = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert stats["problems"] == len(records) == 4
+    assert all(len(r["responses"]) == len(r["scores"]) == 5 for r in records)
+    assert any(r["pairs"] for r in records)
+    assert all(r["scores"][w] == 1.0 != r["scores"][lo] for r in records for w, lo in r["pairs"])
+    margin = (-1.0 - -3.0) - (-2.0 - -2.5)  # (log π_w − log π_ref,w) − (log π_l − log π_ref,l) = 1.5
+    loss = dpo.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-2.5]),
+                        beta=c.beta)[0]
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-6) and margin == 1.5
 
 
 # ----------------------------------------------------------------------------- the toy task
@@ -153,7 +230,7 @@ def test_dpo_paper_preset():
 def toy_kw(seed, updates):
     return dict(response_length=64, max_prompt_length=64, temperature=1.0, early_stop=True, batch_size=32,
                 micro_batch_size=32, ppo_epochs=2, total_episodes=32 * updates, lr=3e-4, warmup_ratio=0.0,
-                save_every=0, seed=seed)
+                save_every=0, seed=seed, drop_last=False)  # 4 problems: a batch repeats prompts
 
 
 def _gains(module, cfgs, toy, tmp_path):

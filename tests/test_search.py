@@ -555,3 +555,124 @@ def test_transitions_lower_case_only_ordinary_capitalised_words():
     assert decapitalize("Community-acquired pneumonia does not hold.") == "community-acquired pneumonia does not hold."
     for kept in ("ECG shows ST elevation.", "X-ray first.", "I think so.", "COPD-related", "3 findings"):
         assert decapitalize(kept) == kept
+
+
+# ---------------------------------------------------------------------------------------------------
+# the LLM judge's verdict: ours (strict) and the official script's substring rule
+
+
+@pytest.mark.parametrize("reply, strict, official", [
+    ("True", True, True),
+    ("  True.\n", True, True),
+    (" true.", False, True),
+    ("TRUE!", False, True),
+    ("The answer is correct: True", False, True),
+    ("not true", False, True),
+    ("untrue", False, True),
+    ("True or False?", False, True),
+    ("**True**", False, True),
+    ("False", False, False),
+    ("FALSE.", False, False),
+    ("Incorrect", False, False),
+    ("", False, False),
+])
+def test_judge_verdict_rules_on_hand_written_replies(reply, strict, official):
+    from minihuatuo.verifier import LLMJudgeVerifier, parse_verdict
+
+    assert parse_verdict(reply) is strict  # the default is ours
+    assert parse_verdict(reply, "strict") is strict
+    assert parse_verdict(reply, "official") is official
+    for rule, expected in (("strict", strict), ("official", official)):
+        judge = LLMJudgeVerifier(ConstantJudge(reply), parse=rule)
+        assert judge.verify_batch([("Measles.", "measles")]) == [expected]
+
+
+def test_unknown_judge_rule_is_an_error():
+    from minihuatuo.verifier import LLMJudgeVerifier, parse_verdict
+
+    with pytest.raises(ValueError, match="'lenient': expected one of strict, official"):
+        parse_verdict("True", "lenient")
+    with pytest.raises(ValueError, match="judge_parse: expected one of strict, official, got 'lenient'"):
+        LLMJudgeVerifier(ConstantJudge("True"), parse="lenient")
+    with pytest.raises(ValueError, match="judge_parse: expected one of strict, official, got 'lenient'"):
+        SearchConfig(judge_parse="lenient")
+
+
+class ConstantJudge:
+    """A judge backend giving the same reply to every request; records how many it got."""
+
+    def __init__(self, reply: str):
+        self.reply, self.requests = reply, 0
+
+    def complete(self, requests):
+        self.requests += len(requests)
+        return [[self.reply] for _ in requests]
+
+
+@pytest.mark.parametrize("flag, accepted", [([], False), (["--judge-parse", "strict"], False),
+                                            (["--judge-parse", "official"], True)])
+def test_judge_parse_flag_reaches_the_llm_judge_of_the_search_command(flag, accepted, tmp_path, monkeypatch, capsys):
+    """A judge that answers "The response is not true." rejects e_0 under our rule and accepts it under
+    the official one; the rule is a SearchConfig field, pinned by config.json on resume."""
+    import minihuatuo.reward
+    import minihuatuo.search_cli
+    from minihuatuo.cli import main
+    from minihuatuo.verifier import LLMJudgeVerifier
+
+    judge = ConstantJudge("The response is not true.")
+    monkeypatch.setattr(minihuatuo.search_cli, "search_backend", lambda args, cfg: Scripted({"Q1": [cot("measles")]}))
+    monkeypatch.setattr(minihuatuo.reward, "build_verifier", lambda name, args: LLMJudgeVerifier(judge))
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps(problem(1).to_record()) + "\n")
+    out = tmp_path / "o"
+    argv = ["search", "--data", str(data), "--out", str(out), "--search-url", "http://127.0.0.1:9/v1",
+            "--search-model", "m", "--verifier", "llm", "--max-depth", "0", "--max-attempts", "1",
+            "--reformat", "template", *flag]
+    assert main(argv) == 0, capsys.readouterr().err
+    [rec] = lines(out / "search.jsonl")
+    assert judge.requests == 1
+    assert rec["search"]["verifier_calls"] == [
+        {"attempt": 1, "depth": 0, "conclusion": "The answer is measles.", "verdict": accepted}]
+    assert rec["search"]["success"] is accepted
+    rule = "official" if accepted else "strict"
+    assert json.loads((out / "config.json").read_text())["judge_parse"] == rule
+    other = "strict" if accepted else "official"
+    assert main(argv[:-2] + ["--judge-parse", other] if flag else argv + ["--judge-parse", other]) == 2
+    assert f"judge_parse={rule!r}" in capsys.readouterr().err
+
+
+def test_a_run_started_before_judge_parse_existed_resumes_with_the_strict_rule(tmp_path):
+    problems = [problem(1)]
+    run_search(problems, Teacher(), ExactMatchVerifier(), tmp_path / "o", SearchConfig(max_depth=1), progress=False)
+    path = tmp_path / "o" / "config.json"
+    old = json.loads(path.read_text())
+    del old["judge_parse"]  # as written before the field was added
+    path.write_text(json.dumps(old))
+    run_search(problems, Teacher(), ExactMatchVerifier(), tmp_path / "o", SearchConfig(max_depth=1), progress=False)
+    with pytest.raises(ValueError, match=r"\(judge_parse differ: judge_parse='strict'\)"):
+        run_search(problems, Teacher(), ExactMatchVerifier(), tmp_path / "o",
+                   SearchConfig(max_depth=1, judge_parse="official"), progress=False)
+
+
+def test_search_checkpoint_chat_template(tiny_checkpoint, tmp_path, capsys):
+    """A local search model whose template we do not recognise stops the command before any weights are
+    read, naming the file; --chat-template picks a hand-written format; an endpoint takes no such flag."""
+    from minihuatuo.cli import main
+
+    (tiny_checkpoint / "chat_template.jinja").write_text("{% for m in messages %}[INST] {{ m['content'] }} [/INST]"
+                                                         "{% endfor %}", encoding="utf-8")
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps(problem(1).to_record()) + "\n")
+    argv = ["search", "--data", str(data), "--out", str(tmp_path / "o"), "--search-checkpoint", str(tiny_checkpoint),
+            "--verifier", "exact", "--max-tokens", "8", "--max-depth", "0", "--max-attempts", "1",
+            "--json-retries", "0", "--temperature", "0", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"minihuatuo search: error: {tiny_checkpoint / 'chat_template.jinja'}: chat template not recognised" in err
+    assert not (tmp_path / "o").exists()
+    assert main(argv + ["--chat-template", "plain"]) == 0
+    [rec] = lines(tmp_path / "o" / "search.jsonl")
+    assert rec["search"]["trajectory"][0]["replies"]  # the model was asked and answered
+    assert main(["search", "--data", str(data), "--out", str(tmp_path / "o2"), "--search-url", "http://127.0.0.1:9/v1",
+                 "--search-model", "m", "--chat-template", "plain"]) == 2
+    assert "--chat-template applies to a local --search-checkpoint" in capsys.readouterr().err

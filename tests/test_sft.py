@@ -219,3 +219,60 @@ def test_saved_checkpoint_loads_in_transformers(world):
     ids = torch.randint(0, 320, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_sft_loss_equals_transformers_loss_on_the_same_batch(tiny_checkpoint, tmp_path):
+    """Oracle for the value of the SFT loss. sft.py's loss is (1/N) Σ −log π(target token), N = the
+    target tokens of the whole global batch (token_nll_sum gives the sum and the count; train()
+    divides by the global count across micro-batches). transformers' causal-LM loss with unshifted
+    labels (input ids, -100 on prompt and padding) shifts them itself and takes the mean over the
+    labelled tokens of the whole batch: the same reduction, so no adjustment is needed. The labels
+    for transformers are built here from (ids, n_prompt), not from our shifted `batch.labels`.
+    The examples have very different target lengths and the model has large weights (per-token
+    losses far from uniform), so a per-sequence mean would differ: asserted below."""
+    transformers = pytest.importorskip("transformers")
+    examples = [SFTExample("Fever?", "Hmm.", "Rest."),
+                SFTExample("The patient presents with fever, cough and pleuritic chest pain. Treatment?",
+                           "Hmm, wait: the troponin is raised, so consider myocardial infarction. "
+                           "Verification: the findings agree. A chest radiograph shows lobar consolidation.",
+                           "The first-line treatment is amoxicillin."),
+                SFTExample("In pregnancy, which drug?", "", "Avoid the drug and choose the alternative."),  # direct
+                SFTExample("Chest radiograph?", "Lobar consolidation.", "Pneumonia.")]
+    tok = Tokenizer.from_dir(tiny_checkpoint)
+    items = prepare(examples, tok, max_length=512)
+    assert len(items) == 4 and len({t.n_target for t in items}) == 4 and len({len(t.ids) for t in items}) == 4
+    batch = collate_padded(items, tok.pad_id)  # right-padded, prompt and padding without label
+
+    ours_model = load_model(tiny_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        nll, n = sft.token_nll_sum(ours_model, batch)
+    ours = (nll / n).item()
+
+    B, T = batch.input_ids.shape
+    ids = torch.full((B, T), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), -100, dtype=torch.long)
+    for b, t in enumerate(items):
+        ids[b, :len(t.ids)] = torch.tensor(t.ids)
+        mask[b, :len(t.ids)] = 1
+        labels[b, t.n_prompt:len(t.ids)] = torch.tensor(t.ids[t.n_prompt:])  # the target tokens, unshifted
+    assert torch.equal(ids, batch.input_ids) and int(n) == sum(t.n_target for t in items)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = hf(ids, attention_mask=mask, labels=labels)
+    assert ours == pytest.approx(out.loss.item(), abs=1e-5, rel=0)
+
+    # the examples tell the reductions apart: the mean of per-sequence means is ~8e-3 from the per-token mean,
+    # hundreds of times the tolerance above
+    logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+    target = labels[:, 1:]
+    tok_nll = -logp.gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target != -100)
+    per_sequence = (tok_nll.sum(1) / (target != -100).sum(1)).mean().item()
+    assert abs(per_sequence - out.loss.item()) > 1e-3
+
+    # the loss train() logs for its first step (before the update) on that global batch, split into micro-batches
+    (tmp_path / "four.jsonl").write_text("\n".join(json.dumps({"Question": e.question, "Complex_CoT": e.complex_cot,
+                                                                "Response": e.response}) for e in examples))
+    last = train(cfg(max_steps=1, global_batch_size=4, micro_batch_size=3, max_length=512), tiny_checkpoint,
+                 tmp_path / "four.jsonl", tmp_path / "out")
+    assert last["step"] == 1 and last["loss"] == pytest.approx(out.loss.item(), abs=1e-5, rel=0)

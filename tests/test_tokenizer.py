@@ -17,7 +17,8 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minihuatuo.tokenizer import ChatTemplate, Tokenizer, detect_template
+from minihuatuo.tokenizer import KINDS, ChatTemplate, Tokenizer, detect_template
+from minihuatuo.world_pretrain import PLAIN_JINJA
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]
@@ -68,6 +69,20 @@ def chatml_jinja(default=r"You are MediBot, a careful clinical assistant."):
         r"{%- endif %}{%- endfor %}"
         r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
     )
+
+
+# Formats we do not write by hand: Mistral's [INST] and a Phi-3-like template (its role tokens look
+# like the plain format's, but it appends eos_token after the last turn).
+MISTRAL_LIKE_JINJA = (
+    r"{{- bos_token }}{%- for m in messages %}{%- if m['role'] == 'user' %}"
+    r"{{- '[INST] ' + m['content'] + ' [/INST]' }}{%- else %}{{- m['content'] + eos_token }}{%- endif %}"
+    r"{%- endfor %}"
+)
+PHI3_LIKE_JINJA = (
+    r"{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\n' + m['content'] + '<|end|>\n' }}"
+    r"{% elif m['role'] == 'assistant' %}{{ '<|assistant|>\n' + m['content'] + '<|end|>\n' }}{% endif %}"
+    r"{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 
 
 # --- a small corpus and tokenizer builders ---
@@ -276,8 +291,8 @@ def test_eos_union_and_pad_sources(backends, tmp_path):
     d = write_dir(tmp_path / "b", b, {"eos_token": {"content": "<|eot_id|>"}})
     t = Tokenizer.from_dir(d)
     assert t.eos_ids == [eot] and t.pad_id == eot and t.bos_id is None
-    t = Tokenizer.from_dir(write_dir(tmp_path / "c", b))  # tokenizer.json alone
-    assert t.eos_ids == [] and t.pad_id == 0 and t.template.kind == "plain"
+    t = Tokenizer.from_dir(write_dir(tmp_path / "c", b))  # tokenizer.json alone: no chat format known
+    assert t.eos_ids == [] and t.pad_id == 0 and not t.has_chat_template
 
 
 def test_config_errors(backends, tmp_path):
@@ -304,8 +319,11 @@ def test_config_errors(backends, tmp_path):
 
 
 def test_detect_template():
-    assert detect_template(None).kind == "plain"
-    assert detect_template("{{ messages }}").kind == "plain"
+    assert detect_template(None) is None  # nothing to recognise: no guessed format
+    assert detect_template("{{ messages }}") is None
+    assert detect_template(PLAIN_JINJA).kind == "plain"
+    assert detect_template(PLAIN_JINJA.replace("m['role']", "message.role").replace("{{ ", "{{- ")).kind == "plain"
+    assert detect_template(PHI3_LIKE_JINJA) is None  # spells the role tokens out and appends eos: not ours
     assert detect_template(LLAMA3_JINJA).kind == "llama3"
     t = detect_template(llama31_jinja())
     assert (t.kind, t.date_string, t.knowledge_cutoff) == ("llama3.1", "26 Jul 2024", "December 2023")
@@ -382,3 +400,144 @@ def test_package_does_not_import_transformers():
             "for n in names: importlib.import_module(n)\n"
             "assert 'transformers' not in sys.modules, 'imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# --- where the chat template comes from, and what happens when it is unknown ---
+
+def jinja_only_dir(kind, backends, root, source):
+    """A checkpoint laid out as transformers >= 4.43 saves it: the template in chat_template.jinja and no
+    "chat_template" key in tokenizer_config.json."""
+    d = family_dir(kind, backends, root)
+    cfg = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del cfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    (d / "chat_template.jinja").write_text(source, encoding="utf-8")
+    return d
+
+
+@pytest.mark.parametrize("kind, source", [("llama3", LLAMA3_JINJA), ("llama3.1", llama31_jinja()),
+                                          ("chatml", chatml_jinja())])
+def test_template_in_chat_template_jinja_only(kind, source, backends, tmp_path, hf):
+    d = jinja_only_dir(kind, backends, tmp_path, source)
+    ours, theirs = Tokenizer.from_dir(d), hf(d)
+    assert ours.template.kind == kind
+    msgs = CONVERSATIONS["system_3turns"]
+    assert ours.render_chat(msgs) == theirs.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(msgs) == hf_chat_ids(theirs, msgs, True)
+
+
+def test_template_in_chat_template_jinja_by_hand(backends, tmp_path):
+    d = jinja_only_dir("chatml", backends, tmp_path, chatml_jinja(default="You read the .jinja file."))
+    assert Tokenizer.from_dir(d).render_chat([{"role": "user", "content": "Hi"}]) == (
+        "<|im_start|>system\nYou read the .jinja file.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    d = jinja_only_dir("llama3.1", backends, tmp_path / "l", llama31_jinja(date='"09 Sep 2029"', cutoff="May 2029"))
+    assert Tokenizer.from_dir(d).render_chat([{"role": "user", "content": " U "}]) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: May 2029\nToday Date: 09 Sep 2029\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nU<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_chat_template_jinja_wins_over_tokenizer_config(backends, tmp_path, hf):
+    """Both present and different (ChatML defaults): the .jinja file is used, as transformers does."""
+    d = family_dir("chatml", backends, tmp_path, template=chatml_jinja(default="From tokenizer_config."))
+    (d / "chat_template.jinja").write_text(chatml_jinja(default="From the jinja file."), encoding="utf-8")
+    msgs = [{"role": "user", "content": "Hi"}]
+    text = Tokenizer.from_dir(d).render_chat(msgs)
+    assert text.startswith("<|im_start|>system\nFrom the jinja file.<|im_end|>\n")
+    assert text == hf(d).apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def test_named_templates_list_in_tokenizer_config(backends, tmp_path):
+    """Multi-template checkpoints store [{"name", "template"}, ...]; without a name asked for, "default"."""
+    named = [{"name": "tool_use", "template": LLAMA3_JINJA}, {"name": "default", "template": chatml_jinja()}]
+    assert Tokenizer.from_dir(family_dir("chatml", backends, tmp_path, template=named)).template.kind == "chatml"
+    d = family_dir("chatml", backends, tmp_path / "b", template=named[:1])
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: field 'chat_template': .*without a 'default'"):
+        Tokenizer.from_dir(d)
+    d = family_dir("chatml", backends, tmp_path / "c", template=7)
+    with pytest.raises(ValueError, match=r"tokenizer_config\.json: field 'chat_template': expected a string"):
+        Tokenizer.from_dir(d)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "tokenizer_config.json"])
+def test_unrecognised_template_is_a_clear_error_naming_the_file(where, backends, tmp_path):
+    if where == "chat_template.jinja":
+        d = jinja_only_dir("llama3", backends, tmp_path, MISTRAL_LIKE_JINJA)
+    else:
+        d = family_dir("llama3", backends, tmp_path, template=MISTRAL_LIKE_JINJA)
+    t = Tokenizer.from_dir(d)  # loading works: encode/decode need no chat format
+    assert not t.has_chat_template and t.decode(t.encode("fever", False)) == "fever"
+    assert t.eos_ids == [backends["llama"].token_to_id(x) for x in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    for use in (lambda: t.render_chat([{"role": "user", "content": "Hi"}]),
+                lambda: t.apply_chat_template([{"role": "user", "content": "Hi"}]), lambda: t.template):
+        with pytest.raises(ValueError) as e:
+            use()
+        msg = str(e.value)
+        assert str(d / where) in msg and "not recognised" in msg and "--chat-template" in msg
+        assert all(k in msg for k in KINDS)
+
+
+def test_no_template_is_an_error_naming_the_directory_unless_the_vocabulary_is_plain(backends, tmp_path):
+    b = backends["llama"]
+    d = write_dir(tmp_path / "base", b, {"eos_token": "<|end_of_text|>"})  # a base model: no template
+    t = Tokenizer.from_dir(d)
+    with pytest.raises(ValueError) as e:
+        t.render_chat([{"role": "user", "content": "Hi"}])
+    assert f"{d}: no chat template" in str(e.value) and "--chat-template" in str(e.value)
+    assert "generate --raw" in str(e.value)
+    assert t.eos_ids == [b.token_to_id("<|end_of_text|>")]
+    # the project's own tiny checkpoints carry no template; their vocabulary has only the plain format's tokens
+    from conftest import write_plain_tokenizer
+    tiny = Tokenizer.from_dir(write_plain_tokenizer(tmp_path / "tiny"))
+    assert tiny.template.kind == "plain" and tiny.eos_ids == [tiny.token_to_id("<|end|>")]
+    # the bundled world's base model: its tokenizer_config carries the plain Jinja template
+    world = Path(__file__).resolve().parents[1] / "data" / "world" / "base"
+    assert Tokenizer.from_dir(world).template.kind == "plain"
+
+
+def test_chat_format_picks_a_hand_written_template(backends, tmp_path):
+    q = backends["qwen"]
+    d = family_dir("chatml", backends, tmp_path, template=MISTRAL_LIKE_JINJA)
+    t = Tokenizer.from_dir(d, chat_format="chatml")
+    # the override ignores the checkpoint's template entirely: no default system prompt
+    assert t.render_chat([{"role": "user", "content": "Hi"}]) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert t.eos_ids == [q.token_to_id("<|im_end|>"), q.token_to_id("<|endoftext|>")]
+    # it also replaces a recognised template (here: no MediBot system prompt)
+    t = Tokenizer.from_dir(family_dir("chatml", backends, tmp_path / "known"), chat_format="chatml")
+    assert t.render_chat([{"role": "user", "content": "Hi"}]).startswith("<|im_start|>user\n")
+    # a base model given a format: the end of an assistant turn becomes a stop token
+    b = backends["llama"]
+    base = write_dir(tmp_path / "base", b, {"eos_token": "<|end_of_text|>"})
+    t = Tokenizer.from_dir(base, chat_format="llama3.1", date_string="02 Feb 2026")
+    assert t.render_chat([{"role": "user", "content": "Hi"}], False) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        "Cutting Knowledge Date: December 2023\nToday Date: 02 Feb 2026\n\n<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>")
+    assert t.eos_ids == [b.token_to_id("<|end_of_text|>"), b.token_to_id("<|eot_id|>")]
+    with pytest.raises(ValueError, match="'mistral': expected one of llama3, llama3.1, chatml, plain"):
+        Tokenizer.from_dir(base, chat_format="mistral")
+
+
+def test_cli_chat_template_flag(tiny_checkpoint, capsys):
+    """generate/chat: an unrecognised template stops the command with the file named (exit 2, no
+    traceback); --raw needs no template; --chat-template picks the format (here the one the tiny
+    checkpoint was written for, so the output equals that of the same weights without a template)."""
+    from minihuatuo.cli import main
+
+    base = ["generate", "--model", str(tiny_checkpoint), "--prompt", "fever and cough", "--max-new-tokens", "6",
+            "--temperature", "0", "--device", "cpu"]
+    assert main(base) == 0
+    reference = capsys.readouterr().out
+    assert reference  # the tiny checkpoint speaks (gibberish), so equality below means something
+    (tiny_checkpoint / "chat_template.jinja").write_text(MISTRAL_LIKE_JINJA, encoding="utf-8")
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert f"minihuatuo generate: error: {tiny_checkpoint / 'chat_template.jinja'}: chat template not recognised" in err
+    assert "--chat-template" in err and "Traceback" not in err
+    assert main(base + ["--raw"]) == 0
+    assert main(base + ["--chat-template", "plain"]) == 0
+    assert capsys.readouterr().out.endswith(reference)  # --raw's output comes first
+    with pytest.raises(SystemExit):
+        main(base + ["--chat-template", "mistral"])

@@ -529,3 +529,15 @@ def test_rule_beats_exact_match_on_the_150_released_items(tmp_path):
     assert rule["recall"] > exact["recall"]
     # Without the names we wrote after reading these items the margin is smaller (notes/verifier.md).
     assert general["balanced_accuracy"] >= exact["balanced_accuracy"] + 0.08
+
+
+def test_verify_commands_pass_the_judge_parse_rule(tiny_checkpoint):
+    """--judge-parse reaches the LLM judge that verify and verifier-eval build (the search command has
+    the same option as a SearchConfig field)."""
+    from minihuatuo.cli import build_parser
+    from minihuatuo.reward import build_verifier
+
+    for command, extra in (("verify", ["--response", "a", "--reference", "a"]), ("verifier-eval", ["--data", "x"])):
+        for flag, rule in (([], "strict"), (["--judge-parse", "official"], "official")):
+            args = build_parser().parse_args([command, "--judge-checkpoint", str(tiny_checkpoint), *extra, *flag])
+            assert build_verifier("llm", args).parse == rule, (command, flag)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -267,13 +268,16 @@ def test_corpus_never_shows_a_heldout_combination(kb):
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "base"
-    r = subprocess.run([sys.executable, "-m", "minihuatuo", "world", "pretrain", "--size", "tiny", "--steps", "3",
-                        "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    # 12 steps: enough for the loss to fall clearly (test_world_pretrain_writes_a_loadable_checkpoint). One thread:
+    # the same numbers in ~0.4 s of training, where torch's default threads took ~1 s a step on 2 busy cores
+    r = subprocess.run([sys.executable, "-m", "minihuatuo", "world", "pretrain", "--size", "tiny", "--steps", "12",
+                        "--threads", "1", "--out", str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     return out
 
 
 def test_world_pretrain_writes_a_loadable_checkpoint(tiny_world):
+    """The checkpoint loads and generates, and the training loss recorded in pretrain.json falls."""
     from minihuatuo.checkpoint import load_model
     from minihuatuo.tokenizer import Tokenizer
 
@@ -282,7 +286,15 @@ def test_world_pretrain_writes_a_loadable_checkpoint(tiny_world):
     assert tok.template.kind == "plain" and tok.token_to_id("<|end|>") in tok.eos_ids
     assert model.cfg.vocab_size >= tok.vocab_size and model.cfg.num_hidden_layers == 1
     summary = json.loads((tiny_world / "pretrain.json").read_text())
-    assert summary["config"]["steps"] == 3 and len(summary["log"]) >= 1 and summary["wall_time_s"]["total"] > 0
+    assert summary["config"]["steps"] == 12 and summary["wall_time_s"]["total"] > 0
+    log = summary["log"]
+    assert [e["step"] for e in log] == [0, 10, 11]  # every 10 steps and the last
+    first = log[0]["loss"]  # step 0: before any update
+    assert first == pytest.approx(math.log(model.cfg.vocab_size), abs=0.05)  # a near-uniform random init: ln V
+    # final_loss is the mean of the last 10 steps' losses (steps 2-11). Observed: 6.45 at step 0, 6.13 for the
+    # last 10 steps, 6.01 for the last two; with --lr 0 all of them stay within 0.01 of step 0
+    assert summary["final_loss"] < first - 0.15
+    assert (log[-2]["loss"] + log[-1]["loss"]) / 2 < first - 0.25
     r = subprocess.run([sys.executable, "-m", "minihuatuo", "generate", "--model", str(tiny_world), "--raw",
                         "--prompt", "Fever is", "--max-new-tokens", "5", "--temperature", "0"],
                        capture_output=True, text=True, cwd=ROOT)
@@ -306,22 +318,109 @@ def test_prompt_pieces_are_single_tokens_and_text_round_trips(kb, tiny_world):
 
 
 def test_world_eval_runs_on_a_checkpoint(tiny_world):
+    """`evaluate_base` end to end on a real checkpoint: the questions asked, the report's shape and its
+    groupings. The replies are not graded again with world_eval.grade (the code under test); the one
+    check of the verdicts is independent of it: an empty or whitespace reply is neither correct nor
+    readable, whatever the grader (the tiny model's greedy replies here are newlines only). Grading
+    itself is checked on constructed replies by test_world_eval_grades_replies_as_they_were_built."""
     from minihuatuo.world_eval import evaluate_base
 
     report = evaluate_base(tiny_world, n=3, batch_size=3)
-    kb = load_kb(DEFAULT_KB)
-    items = generate_exam(kb, "heldout", 3, 0)  # what evaluate_base drew (n=3, seed 0)
-    verifier = world_verifier(kb)
+    items = generate_exam(load_kb(DEFAULT_KB), "heldout", 3, 0)  # what evaluate_base drew (n=3, seed 0)
+    assert report["n"] == 3 and list(report["modes"]) == ["direct", "cot", "mcq"]
     for mode in ("direct", "cot", "mcq"):
         r = report["modes"][mode]
+        # with n = 3 the examples are every reply
         assert [e["question"] for e in r["examples"]] == [open_problem(it).x for it in items]
-        # with n = 3 the examples are every graded reply: grading them again gives the report's numbers
-        graded = [grade(mode, e["reply"], it, open_problem(it), verifier) for e, it in zip(r["examples"], items)]
-        assert r["accuracy"] == sum(ok for ok, _ in graded) / 3 and r["readable"] == sum(rd for _, rd in graded) / 3
+        assert [e["answer"] for e in r["examples"]] == [it.answer for it in items]
+        blank = sum(not e["reply"].strip() for e in r["examples"])
+        assert r["accuracy"] <= (3 - blank) / 3
+        if mode != "direct":  # a direct reply is always readable: the whole reply is its final response
+            assert r["readable"] <= (3 - blank) / 3
         for prefix in ("qtype=", "hops=", "contraindicated="):  # each grouping partitions the 3 questions
             groups = {k: v for k, v in r["by"].items() if k.startswith(prefix)}
             assert sum(v["n"] for v in groups.values()) == 3
             assert round(sum(v["accuracy"] * v["n"] for v in groups.values())) == round(r["accuracy"] * 3)
+
+
+def test_world_eval_grades_replies_as_they_were_built(raw):
+    """`evaluate_base` with a scripted backend that answers each held-out question with a reply built
+    here to be right, wrong or unreadable. Independent of the code under test: the expected verdicts
+    are the plan the replies were built from, the accepted names are read from kb.json (an alias
+    other than the canonical name where there is one), the wrong answer is another MCQ option that
+    shares no name with the right one (checked here by plain substring tests), the letters are the
+    item's own; world_eval.grade, the rule verifier and extract_choice are never called. A right
+    reply mentions the wrong answer before its conclusion and a wrong one mentions the right answer,
+    so only reading the final response / Final Conclusion / chosen letter gives the plan."""
+    from minihuatuo.backends import ChatRequest
+    from minihuatuo.world_eval import evaluate_base
+
+    n = 6
+    items = generate_exam(load_kb(DEFAULT_KB), "heldout", n, 0)  # what evaluate_base draws (seed 0)
+    names = {c["name"]: [c["name"], *c["aliases"]] for c in raw["conditions"]} | \
+        {k: [k, *v] for k, v in raw["aliases"].items()}
+
+    def unrelated(a: str, b: str) -> bool:
+        return all(x.casefold() not in y.casefold() and y.casefold() not in x.casefold()
+                   for x in names.get(a, [a]) for y in names.get(b, [b]))
+
+    right, wrong, wrong_letter = [], [], []
+    for i, it in enumerate(items):
+        accepted = names[it.answer]
+        right.append(accepted[1 + i % (len(accepted) - 1)] if len(accepted) > 1 else accepted[0])
+        other = next(k for k, o in it.options.items() if k != it.answer_idx and unrelated(o, it.answer))
+        wrong.append(it.options[other])
+        wrong_letter.append(other)
+
+    def direct(i, plan):
+        said, other = (right[i], wrong[i]) if plan == "right" else (wrong[i], right[i])
+        return f"## Thinking\n\nCould it be {other}? The findings say otherwise.\n\n## Final Response\n\n" \
+               f"The answer is {said}."
+
+    def cot(i, plan):
+        if plan == "unreadable":
+            return "I would need to think about this one."
+        said, other = (right[i], wrong[i]) if plan == "right" else (wrong[i], right[i])
+        return json.dumps({"CoT": [
+            {"action": "Inner Thinking", "title": "First idea", "content": f"Could it be {other}?"},
+            {"action": "Final Conclusion", "content": f"The answer is {said}."},
+            {"action": "Verification", "content": "The conclusion fits the findings."}]})
+
+    def mcq(i, plan):
+        return {"right": f"The answer is {items[i].answer_idx}.", "wrong": f"The answer is {wrong_letter[i]}.",
+                "unreadable": "no idea"}[plan]
+
+    R, W, U = "right", "wrong", "unreadable"
+    plans = {"direct": (direct, [R, W, R, R, W, R]), "cot": (cot, [R, U, W, R, U, R]),
+             "mcq": (mcq, [W, R, U, R, R, R])}
+
+    class Scripted:
+        def __init__(self, build, plan):
+            self.build, self.plan, self.asked = build, plan, []
+
+        def complete(self, requests: list[ChatRequest]) -> list[list[str]]:
+            out = []
+            for r in requests:
+                assert r.temperature == 0.0 and r.n == 1 and [m["role"] for m in r.messages] == ["user"]
+                # which question this is: the vignette stem shared by the MCQ and its open form
+                (i,) = [i for i, it in enumerate(items) if it.question.rsplit(". ", 1)[0] in r.messages[0]["content"]]
+                self.asked.append(i)
+                out.append([self.build(i, self.plan[i])])
+            return out
+
+    for mode, (build, plan) in plans.items():
+        backend = Scripted(build, plan)
+        r = evaluate_base("scripted", n=n, modes=(mode,), backend=backend)["modes"][mode]
+        assert sorted(backend.asked) == list(range(n))  # each question asked once
+        assert r["accuracy"] == plan.count(R) / n, (mode, plan)
+        assert r["readable"] == (n - plan.count(U)) / n, (mode, plan)
+        expected = {}
+        for it, p in zip(items, plan):
+            m = it.extra["world"]
+            for key in (f"qtype={m['qtype']}", f"hops={m['hops']}", f"contraindicated={m['contraindicated']}"):
+                expected.setdefault(key, []).append(p == R)
+        assert r["by"] == {k: {"accuracy": round(sum(v) / len(v), 4), "n": len(v)} for k, v in expected.items()}
+        assert [e["reply"] for e in r["examples"]] == [build(i, plan[i]) for i in range(3)]
 
 
 @pytest.mark.skipif(not (BASE / "model.safetensors").exists(), reason="no shipped base model")
