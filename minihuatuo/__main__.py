@@ -1,6 +1,6 @@
 """`python -m minihuatuo ...` works like the `minihuatuo` console script."""
 import sys
 
-from .cli import main
+from minihuatuo.cli import main
 
 sys.exit(main())

@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from .tokenizer import KINDS
+from minihuatuo.engine.tokenizer import KINDS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": None}
+from minihuatuo.engine.checkpoint import DTYPES
 
 
 def _default_device() -> str:
@@ -36,8 +36,8 @@ def _add_model_args(p: argparse.ArgumentParser):
 
 
 def _load(args, chat: bool = True):
-    from .checkpoint import load_model
-    from .tokenizer import Tokenizer
+    from minihuatuo.engine.checkpoint import load_model
+    from minihuatuo.engine.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(args.model, chat_format=args.chat_template)
     if chat and not tokenizer.has_chat_template:  # say so before the weights are read
@@ -47,14 +47,14 @@ def _load(args, chat: bool = True):
 
 
 def _sampling(args, tokenizer):
-    from .sample import SamplingConfig
+    from minihuatuo.engine.sample import SamplingConfig
 
     return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, stop_token_ids=tuple(tokenizer.eos_ids), seed=args.seed)
 
 
 def cmd_generate(args) -> int:
-    from .sample import generate
+    from minihuatuo.engine.sample import generate
 
     model, tokenizer = _load(args, chat=not args.raw)
     if args.raw:
@@ -71,7 +71,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     """A multi-turn conversation on the terminal: one line in, one reply out. /reset clears, /exit quits."""
-    from .sample import generate
+    from minihuatuo.engine.sample import generate
 
     model, tokenizer = _load(args)
     cfg = _sampling(args, tokenizer)
@@ -112,34 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
 
-    # Each stage module declares its own subcommands in `add_cli(sub)`; this list is the whole
+    # Each command module declares its own subcommands in `add_cli(sub)`; this list is the whole
     # wiring (one line per module, in the order of the recipe).
-    import importlib
+    from minihuatuo.pipeline import demo_cli
+    from minihuatuo.services import reward, serve
+    from minihuatuo.stages import evaluate, problems, search_cli, sft
+    from minihuatuo.stages.rl import dpo, grpo, ppo_train, rloo
+    from minihuatuo.world import pretrain as world_pretrain
 
-    for module in STAGE_MODULES:
-        importlib.import_module(module).add_cli(sub)
+    for module in (reward, sft, serve, evaluate, ppo_train, rloo, grpo, dpo, problems, world_pretrain, search_cli,
+                   demo_cli):
+        module.add_cli(sub)
     return parser
-
-
-STAGE_MODULES: list[str] = [
-    "minihuatuo.reward",
-    "minihuatuo.sft",
-    "minihuatuo.serve",
-    "minihuatuo.evaluate",
-    "minihuatuo.ppo_train",
-    "minihuatuo.rloo",
-    "minihuatuo.grpo",
-    "minihuatuo.dpo",
-    "minihuatuo.problems",
-    "minihuatuo.world_pretrain",
-    "minihuatuo.search_cli",
-    "minihuatuo.demo",
-]
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from minihuatuo.engine.checkpoint import CheckpointError
 
     try:
         return args.func(args)

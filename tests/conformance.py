@@ -27,11 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python tests/conformance.py` from a clone without an install
     sys.path.insert(0, str(ROOT))
 
-from minihuatuo import dpo, grpo, ppo, rloo  # noqa: E402
-from minihuatuo.evaluate import extract_choice  # noqa: E402
-from minihuatuo.reference_kernels import token_logprobs_and_entropy  # noqa: E402
-from minihuatuo.reward import RewardConfig, rewards  # noqa: E402
-from minihuatuo.verifier import RuleVerifier  # noqa: E402
+from minihuatuo.engine.reference_kernels import token_logprobs_and_entropy  # noqa: E402
+from minihuatuo.services.reward import RewardConfig, rewards  # noqa: E402
+from minihuatuo.services.verifier import RuleVerifier  # noqa: E402
+from minihuatuo.stages.evaluate import extract_choice  # noqa: E402
+from minihuatuo.stages.rl import (
+    dpo,
+    grpo,
+    ppo,
+    rloo,  # noqa: E402
+)
 
 VECTOR_DIR = ROOT / "notes" / "vectors"
 F64 = torch.float64
@@ -126,7 +131,7 @@ def ppo_per_token_rewards(dtype=F64) -> dict:
         run("seeded_random_after_stop", rand_lp, rand_ref, [1.0, 0.1, 0.0], [3, 5, 1], 0.1, "after_stop"),
         run("seeded_random_last", rand_lp, rand_ref, [1.0, 0.1, 0.0], [3, 5, 1], 0.1, "last"),
     ]
-    return _file("minihuatuo.ppo.per_token_rewards",
+    return _file("minihuatuo.stages.rl.ppo.per_token_rewards",
                  "per_token_rewards(logprobs (B,R), ref_logprobs (B,R), scores (B,), policy_mask (B,R) bool, "
                  "last (B,) int, beta, score_slot) -> (rewards (B,R), kl (B,R))",
                  "r_t = -beta*kl_t, kl_t = (log pi_old - log pi_ref)_t * policy_mask (k1), plus the score at "
@@ -155,7 +160,7 @@ def ppo_gae(dtype=F64) -> dict:
             [[0.0] * 5, [0.0] * 5], 1.0, 0.95),
         run("seeded_random_gamma097_lam09", rand_r, rand_v, 0.97, 0.9),
     ]
-    return _file("minihuatuo.ppo.gae",
+    return _file("minihuatuo.stages.rl.ppo.gae",
                  "gae(rewards (B,R), values (B,R), gamma, lam) -> advantages (B,R)",
                  "GAE over all R slots backwards: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam "
                  "A_{t+1}, V_R = A_R = 0 (Schulman et al. 2016 eq. 16; notes/ppo.md checklist 21)",
@@ -189,7 +194,7 @@ def ppo_masked_whiten(dtype=F64) -> dict:
         run("global_stats_from_two_ranks", x, mask, stats=stats),
         run("seeded_random", rand, pm),
     ]
-    return _file("minihuatuo.ppo.masked_whiten",
+    return _file("minihuatuo.stages.rl.ppo.masked_whiten",
                  "masked_whiten(x (B,R), mask (B,R) bool, eps=1e-8, stats=None | (sum, sum of squares, count)) "
                  "-> (B,R)",
                  "(x - mu)/sqrt(var + eps) with mu and the UNBIASED var over masked entries (one-pass: "
@@ -221,7 +226,7 @@ def ppo_policy_loss(dtype=F64) -> dict:
         run("clip_01", new, old, adv, mask, 0.1),
         run("seeded_random", r_new, r_old, r_adv, pm, 0.2),
     ]
-    return _file("minihuatuo.ppo.policy_loss",
+    return _file("minihuatuo.stages.rl.ppo.policy_loss",
                  "policy_loss(logprobs (B,R), old_logprobs (B,R), advantages (B,R), mask (B,R) bool, clip) -> "
                  "(loss (B,), clip_fraction (B,))",
                  "per-sequence token mean over the mask of max(-A rho, -A clip(rho, 1-eps, 1+eps)), rho = "
@@ -253,7 +258,7 @@ def ppo_value_loss(dtype=F64) -> dict:
         run("clip_value_1", values, old_values, returns, mask, 1.0),
         run("seeded_random", r_v, r_old, r_ret, vm, 0.2),
     ]
-    return _file("minihuatuo.ppo.value_loss",
+    return _file("minihuatuo.stages.rl.ppo.value_loss",
                  "value_loss(values (B,R), old_values (B,R), returns (B,R), mask (B,R) bool, clip_value) -> "
                  "(loss (B,), clip_fraction (B,))",
                  "per-sequence 0.5 * masked mean of max((V-R)^2, (V_old + clip(V-V_old, +-clip_value) - R)^2); "
@@ -277,7 +282,7 @@ def rloo_sequence_rewards(dtype=F64) -> dict:
         run("official_beta", [1.0, 0.1], kl, 0.03),
         run("seeded_random", [1.0, 0.1, 0.0, 1.0], rkl, 0.05),
     ]
-    return _file("minihuatuo.rloo.sequence_rewards",
+    return _file("minihuatuo.stages.rl.rloo.sequence_rewards",
                  "sequence_rewards(scores (B,), kl (B,R) already 0 off the policy mask, beta) -> rewards (B,)",
                  "R_i = s_i - beta * sum_t kl_t, the sequence-level k1 penalty (TRL 0.13 RLOO; paper App. F)",
                  cases, dtype)
@@ -295,7 +300,7 @@ def rloo_leave_one_out_advantages(dtype=F64) -> dict:
         run("seeded_random_k2_three_prompts", _randn(701, 6, scale=0.6), 2),
         run("seeded_random_k4_two_prompts", _randn(702, 8, scale=0.6), 4),
     ]
-    return _file("minihuatuo.rloo.leave_one_out_advantages",
+    return _file("minihuatuo.stages.rl.rloo.leave_one_out_advantages",
                  "leave_one_out_advantages(rewards (k*n,), k) -> advantages (k*n,); rows are k blocks of n "
                  "prompts: row i and row i + n share a prompt",
                  "A_i = R_i - (sum_{j in group} R_j - R_i)/(k-1), the leave-one-out baseline (Ahmadian et al. "
@@ -330,7 +335,7 @@ def rloo_sequence_policy_loss(dtype=F64) -> dict:
         run("large_log_ratio_and_padding_minus_100", big_new, big_old, adv, mask, 0.2),
         run("seeded_random", r_new, r_old, [0.9, -0.4, 0.1, -1.2], pm, 0.2),
     ]
-    return _file("minihuatuo.rloo.sequence_policy_loss",
+    return _file("minihuatuo.stages.rl.rloo.sequence_policy_loss",
                  "sequence_policy_loss(logprobs (B,R), old_logprobs (B,R), advantages (B,), mask (B,R) bool, "
                  "clip" + ("" if max_log_ratio is None else ", max_log_ratio") + ") -> (loss (B,), clipped (B,) "
                  "bool, log_ratio (B,))",
@@ -353,7 +358,7 @@ def grpo_group_advantages(dtype=F64) -> dict:
         run("G3_two_prompts_eps0", [1.0, 0.0, 0.1, 1.0, 0.1, 0.1], 3, 0.0),
         run("G4_two_prompts_paper_scores", [1.0, 0.1, 0.0, 1.0, 0.1, 0.1, 1.0, 0.0], 4, 1e-4),
     ]
-    return _file("minihuatuo.grpo.group_advantages",
+    return _file("minihuatuo.stages.rl.grpo.group_advantages",
                  "group_advantages(scores (G*n,), G, eps) -> advantages (G*n,); rows are G blocks of n prompts",
                  "A_i = (s_i - mean_group s)/(std_group s + eps), std UNBIASED (DeepSeekMath §4.1.2 outcome "
                  "supervision; TRL GRPO)", cases, dtype)
@@ -377,7 +382,7 @@ def grpo_k3(dtype=F64) -> dict:
     if has_mask:  # a padded slot holding −100: 0 off the mask, whatever it holds
         cases.append(run("masked_padding_minus_100", [[-0.5, -1.25, -100.0], [-2.0, -100.0, -100.0]],
                          [[-0.75, -1.0, 0.0], [-1.5, 0.0, -3.0]], [[1, 1, 0], [1, 0, 0]]))
-    return _file("minihuatuo.grpo.k3",
+    return _file("minihuatuo.stages.rl.grpo.k3",
                  "k3(logprobs, ref_logprobs" + (", mask=None (bool; 0 off the mask)" if has_mask else "")
                  + ") -> same shape",
                  "k3 estimator of KL(pi||pi_ref) per token: exp(d) - d - 1 with d = ref_logprobs - logprobs "
@@ -417,7 +422,7 @@ def grpo_loss(dtype=F64) -> dict:
         run("large_log_ratio_negative_advantage", big_new, big_old, big_ref, [-1.0, 1.0], big_mask, 0.2, 0.04),
         run("seeded_random", r_new, r_old, r_ref, [0.8, -1.1, 0.3], pm, 0.2, 0.04),
     ]
-    return _file("minihuatuo.grpo.grpo_loss",
+    return _file("minihuatuo.stages.rl.grpo.grpo_loss",
                  "grpo_loss(logprobs (B,R), old_logprobs (B,R), ref_logprobs (B,R), advantages (B,), mask (B,R) "
                  "bool, clip, beta) -> (loss (B,), clip_fraction (B,), mean_k3 (B,))",
                  "per-sequence token mean over the mask of max(-A rho_t, -A clip(rho_t, 1-eps, 1+eps)) + beta k3_t, "
@@ -445,7 +450,7 @@ def dpo_loss(dtype=F64) -> dict:
         run("seeded_random_beta01", *g, 0.1, 0.0),
         run("seeded_random_beta01_label_smoothing03", *g, 0.1, 0.3),
     ]
-    return _file("minihuatuo.dpo.dpo_loss",
+    return _file("minihuatuo.stages.rl.dpo.dpo_loss",
                  "dpo_loss(policy_chosen (B,), policy_rejected (B,), ref_chosen (B,), ref_rejected (B,), beta, "
                  "label_smoothing=0) -> (loss (B,), chosen_reward (B,), rejected_reward (B,))",
                  "-(1-ls) log sigmoid(beta Delta) - ls log sigmoid(-beta Delta), Delta = (pc - rc) - (pr - rr); "
@@ -501,7 +506,7 @@ def reward_rule() -> dict:
              think + "## Final Response\n\nPulmonary embolism.", "## Final Response\n\n"],
             [y, y, y, y], require_thinking=False),
     ]
-    return _file("minihuatuo.reward.rewards",
+    return _file("minihuatuo.services.reward.rewards",
                  "rewards(outputs list[str], y_stars list[str], verifier=RuleVerifier() with the default alias "
                  "list data/aliases.tsv, cfg=RewardConfig(**config)) -> list[float]",
                  "paper §3.2 reward: correct if Verifier(final response, y*), incorrect if not, no_format when "
@@ -548,7 +553,7 @@ def evaluate_extract_choice() -> dict:
         run("cjk_letter", "答案是C。", opts),
         run("empty_output", "", opts),
     ]
-    return _file("minihuatuo.evaluate.extract_choice",
+    return _file("minihuatuo.stages.evaluate.extract_choice",
                  "extract_choice(output str, options dict (given here as [letter, text] pairs, in order), "
                  "similarity_fallback=True) -> Extraction(first, last, step)",
                  "the MCQ answer-extraction cascade of the benchmark scorer (paper §4.1; official evaluation/"
@@ -578,7 +583,7 @@ def token_logprobs_entropy(dtype=F64) -> dict:
         cases.append(run(f"hand_T{T}", logits, targets, T))
     for T in (1.0, 0.7, 0.5):
         cases.append(run(f"seeded_random_batch_dims_T{T}", rnd, rtg, T))
-    return _file("minihuatuo.reference_kernels.token_logprobs_and_entropy",
+    return _file("minihuatuo.engine.reference_kernels.token_logprobs_and_entropy",
                  "token_logprobs_and_entropy(logits (..., V), targets (...) int, temperature) -> (logprobs (...), "
                  "entropy (...))",
                  "log softmax(logits/T)[target] (0 for a target outside [0, V)) and the entropy of softmax(logits/T) "

@@ -43,8 +43,8 @@ def write_plain_tokenizer(path: Path, vocab_size: int = 300) -> Path:
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """A random tiny Llama-shaped checkpoint with a real tokenizer, saved by minihuatuo."""
-    from minihuatuo.checkpoint import save_model
-    from minihuatuo.model import build_model, preset
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.engine.model import build_model, preset
 
     tok_dir = write_plain_tokenizer(tmp_path / "tok")
     model = build_model(preset("tiny", vocab_size=320), seed=0)
@@ -63,9 +63,9 @@ COLORS = ["red", "green", "blue", "black"]
 def toy(tmp_path_factory):
     """A tiny model SFT-ed on the think-then-answer format with a uniformly random color as answer;
     the verifiable problems want "red". Starting accuracy is ~1/4 of well-formed answers."""
-    from minihuatuo.checkpoint import save_model
-    from minihuatuo.model import build_model, preset
-    from minihuatuo.sft import SFTConfig, train
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.engine.model import build_model, preset
+    from minihuatuo.stages.sft import SFTConfig, train
 
     root = tmp_path_factory.mktemp("toy")
     tok = write_plain_tokenizer(root / "tok")
@@ -89,7 +89,7 @@ def cpu_kernels():
     import os
     import shutil
 
-    from minihuatuo import kernels as K
+    from minihuatuo.engine import kernels as K
 
     if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None or K.force_reference:
         pytest.skip("no C++ compiler / ninja (or MINIHUATUO_KERNELS=reference): no compiled kernels to compare")

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from minihuatuo.formats import read_problems
-from minihuatuo.ppo import PPOConfig
-from minihuatuo.ppo_train import build_models, collect, learn, select_experience
-from minihuatuo.reward import RewardConfig
-from minihuatuo.sft import Dist, init_distributed
-from minihuatuo.tokenizer import Tokenizer
-from minihuatuo.verifier import ExactMatchVerifier
+from minihuatuo.engine.tokenizer import Tokenizer
+from minihuatuo.services.formats import read_problems
+from minihuatuo.services.reward import RewardConfig
+from minihuatuo.services.verifier import ExactMatchVerifier
+from minihuatuo.stages.rl.ppo import PPOConfig
+from minihuatuo.stages.rl.ppo_train import build_models, collect, learn, select_experience
+from minihuatuo.training.distributed import Dist, init_distributed
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])
 d = init_distributed()

@@ -20,12 +20,12 @@ import urllib.request
 
 import pytest
 import torch
-
 from conftest import write_plain_tokenizer
-from minihuatuo import sample
-from minihuatuo.backends import ChatRequest, LocalBackend, cut_at_stop
-from minihuatuo.http_client import BackendError, OpenAIBackend, cache_key
-from minihuatuo.serve import ChatServer, parse_fail_plan
+
+from minihuatuo.engine import sample
+from minihuatuo.services.backends import ChatRequest, LocalBackend, cut_at_stop
+from minihuatuo.services.http_client import BackendError, OpenAIBackend, cache_key
+from minihuatuo.services.serve import ChatServer, parse_fail_plan
 
 SECRET = "sk-minihuatuo-TEST-7f3a9c1e5d2b8a4f60"  # distinctive: grep for it everywhere
 QUESTIONS = ["The patient presents with fever and cough.", "Chest pain, raised troponin.",
@@ -39,8 +39,8 @@ def chat(q: str, system: str | None = None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from minihuatuo.checkpoint import save_model
-    from minihuatuo.model import build_model, preset
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.engine.model import build_model, preset
 
     tmp = tmp_path_factory.mktemp("backends")
     tok_dir = write_plain_tokenizer(tmp / "tok")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minihuatuo import checkpoint
-from minihuatuo.checkpoint import CheckpointError, load_model, save_model
-from minihuatuo.model import build_model, preset
+from minihuatuo.engine import checkpoint
+from minihuatuo.engine.checkpoint import CheckpointError, load_model, save_model
+from minihuatuo.engine.model import build_model, preset
 
 
 @pytest.fixture
@@ -164,7 +164,7 @@ def test_saving_copies_chat_template_jinja(tmp_path):
     or the new checkpoint would silently lose its chat format (here ChatML would become plain)."""
     from conftest import write_plain_tokenizer
 
-    from minihuatuo.tokenizer import Tokenizer
+    from minihuatuo.engine.tokenizer import Tokenizer
 
     src = write_plain_tokenizer(tmp_path / "tok")
     jinja = ("{%- if messages[0]['role'] != 'system' %}{{- '<|im_start|>system\\nCopied along.<|im_end|>\\n' }}"

@@ -23,7 +23,7 @@ def run(*args, stdin=None):
 def oracle_completion(ckpt, ids, n):
     """Greedy completion by transformers on the same files, decoded by the `tokenizers` library."""
     transformers = pytest.importorskip("transformers")
-    from minihuatuo.tokenizer import Tokenizer
+    from minihuatuo.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(ckpt)
     hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
@@ -54,7 +54,7 @@ def test_console_script_matches_module(tiny_checkpoint):
 
 
 def test_generate_applies_the_chat_template_without_raw(tiny_checkpoint):
-    from minihuatuo.tokenizer import Tokenizer
+    from minihuatuo.engine.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tiny_checkpoint)
     ids = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}])
@@ -72,9 +72,9 @@ def test_sampling_with_seed_is_reproducible_from_the_cli(tiny_checkpoint):
 
 
 def test_chat_keeps_the_conversation(tiny_checkpoint):
-    from minihuatuo.sample import SamplingConfig, generate
-    from minihuatuo.checkpoint import load_model
-    from minihuatuo.tokenizer import Tokenizer
+    from minihuatuo.engine.checkpoint import load_model
+    from minihuatuo.engine.sample import SamplingConfig, generate
+    from minihuatuo.engine.tokenizer import Tokenizer
 
     r = run("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "10", "--temperature", "0",
             stdin="What is the first-line treatment?\nAnd in pregnancy?\n/exit\n")

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from minihuatuo import decontam as D
-from minihuatuo.formats import MCQItem, SFTExample, VerifiableProblem
+from minihuatuo.services.formats import MCQItem, SFTExample, VerifiableProblem
+from minihuatuo.stages import decontam as D
 
 
 def words_text(rng: random.Random, n_words: int) -> str:

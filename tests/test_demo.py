@@ -46,8 +46,8 @@ def test_results_json_follows_the_contract(quick_run):
 
 def test_every_output_parses(quick_run):
     out, run = quick_run
-    from minihuatuo.checkpoint import load_model
-    from minihuatuo.formats import read_problems, read_sft
+    from minihuatuo.engine.checkpoint import load_model
+    from minihuatuo.services.formats import read_problems, read_sft
 
     for path in out.rglob("*.json"):
         json.loads(path.read_text(encoding="utf-8"))
@@ -85,8 +85,9 @@ def test_demo_refuses_to_mix_runs(quick_run):
 def test_demo_settings_reach_the_training_exam_and_ppo(monkeypatch, tmp_path):
     """`train_contraindicated` shapes the training exam only (the held-out exam keeps its mix), and the
     PPO settings reach ppo_train; the stages themselves are replaced here (control flow only)."""
-    import minihuatuo.ppo_train as ppo_train
-    from minihuatuo import demo
+    import minihuatuo.stages.rl.ppo_train as ppo_train
+
+    from minihuatuo.pipeline import demo
 
     seen = {}
 

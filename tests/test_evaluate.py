@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from minihuatuo.evaluate import (Extraction, explicit_answers, extract_choice, final_response, isolated_letters,
-                                 option_mentions, render_prompt, score)
-from minihuatuo.formats import MCQItem, read_mcq
-from minihuatuo.scorer_official import clean_output, official_choice
+from minihuatuo.services.formats import MCQItem, read_mcq
+from minihuatuo.stages.evaluate import (
+    Extraction,
+    explicit_answers,
+    extract_choice,
+    final_response,
+    isolated_letters,
+    option_mentions,
+    render_prompt,
+    score,
+)
+from minihuatuo.stages.scorer_official import clean_output, official_choice
 
 DEMO = Path(__file__).resolve().parents[2] / "shared" / "reference" / "medical_o1_demo_150.json"
 

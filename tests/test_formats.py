@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from minihuatuo import formats as F
-from minihuatuo import records as R
+from minihuatuo.services import formats as F
+from minihuatuo.services import records as R
 
 DEMO = Path(__file__).resolve().parents[2] / "shared" / "reference" / "medical_o1_demo_150.json"
 

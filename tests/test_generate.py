@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minihuatuo.kv_cache import KVCache
-from minihuatuo.model import build_model, preset
-from minihuatuo.sample import SamplingConfig, filter_logits, generate, sample_next
+from minihuatuo.engine.kv_cache import KVCache
+from minihuatuo.engine.model import build_model, preset
+from minihuatuo.engine.sample import SamplingConfig, filter_logits, generate, sample_next
 
 
 def tiny(seed=0, **kw):
@@ -24,7 +24,7 @@ PROMPTS = [[5, 17, 33, 2, 9, 41, 8], [12, 3], [60, 61, 62, 63, 1]]
 
 def test_greedy_equals_transformers_generate(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from minihuatuo.checkpoint import save_model
+    from minihuatuo.engine.checkpoint import save_model
 
     model = tiny(qkv_bias=True, o_bias=True)
     save_model(model, tmp_path)

@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from conftest import write_plain_tokenizer
 
-from minihuatuo import kernels as K
-from minihuatuo import reference_kernels as R
-from minihuatuo.model import apply_rope, build_model, preset, rope_cos_sin
+from minihuatuo.engine import kernels as K
+from minihuatuo.engine import reference_kernels as R
+from minihuatuo.engine.model import apply_rope, build_model, preset, rope_cos_sin
 
 ROOT = Path(__file__).resolve().parents[1]
 KDIR = ROOT / "kernels"
@@ -340,8 +340,8 @@ def test_model_forward_and_backward_with_kernels_equal_the_reference(dev, dtype)
 
 
 def test_greedy_generation_is_unchanged_by_kernels(dev, tiny_checkpoint):
-    from minihuatuo.checkpoint import load_model
-    from minihuatuo.sample import SamplingConfig, generate
+    from minihuatuo.engine.checkpoint import load_model
+    from minihuatuo.engine.sample import SamplingConfig, generate
 
     model = load_model(tiny_checkpoint, device=dev)
     prompts = [[5, 9, 17, 33], [8, 8, 100]]
@@ -354,8 +354,8 @@ def test_greedy_generation_is_unchanged_by_kernels(dev, tiny_checkpoint):
 
 
 def test_sft_steps_with_kernels_on_and_off_give_the_same_loss(dev, tmp_path):
-    from minihuatuo.checkpoint import save_model
-    from minihuatuo.sft import SFTConfig, train
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.stages.sft import SFTConfig, train
 
     if dev.type != "cpu":
         pytest.skip("train() picks its own device: one run covers it")
@@ -402,7 +402,8 @@ def test_missing_sources_fall_back_to_the_reference(monkeypatch, tmp_path, capsy
 
 SCRIPT = """
 import torch
-from minihuatuo import kernels as K, reference_kernels as R
+from minihuatuo.engine import kernels as K
+from minihuatuo.engine import reference_kernels as R
 x, w = torch.randn(5, 16), torch.randn(16)
 for _ in range(3):
     y = K.rms_norm(x, w, 1e-5)

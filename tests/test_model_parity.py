@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from minihuatuo.checkpoint import load_model, save_model  # noqa: E402
-from minihuatuo.model import build_model, preset  # noqa: E402
+from minihuatuo.engine.checkpoint import load_model, save_model  # noqa: E402
+from minihuatuo.engine.model import build_model, preset  # noqa: E402
 
 TOL = 1e-4  # fp32; observed differences are ~1e-6 (different but equivalent op orders)
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -2,7 +2,7 @@
 
 README installs with `pip install -e .`, which reads data/ from the repository; a wheel has no
 repository next to the package, so setup.cfg ships the files under share/minihuatuo/ and
-minihuatuo/paths.py looks there. This test builds the wheel from a copy of the sources, installs it
+minihuatuo/engine/paths.py looks there. This test builds the wheel from a copy of the sources, installs it
 into a fresh virtual environment and reads the world from outside the repository.
 """
 import shutil
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from minihuatuo.paths import bundled
+from minihuatuo.engine.paths import bundled
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED_DIRS = ("data", "kernels")
@@ -60,7 +60,8 @@ def test_a_wheel_install_carries_the_world_and_the_kernel_sources(tmp_path):
     venv.create(env, with_pip=False)  # no system site-packages: the editable install here must not answer
     python = env / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
     run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q", wheel])
-    code = ("from minihuatuo import paths, verifier_text, world\n"
+    code = ("from minihuatuo.engine import paths\nfrom minihuatuo.services import verifier_text\n"
+            "from minihuatuo.world import kb as world\n"
             "kb = world.load_kb()\n"
             "print(world.WORLD_DIR, verifier_text.DEFAULT_ALIASES, paths.bundled('kernels'), len(kb.conditions), sep='\\n')")
     out = run([python, "-c", code], cwd=tmp_path).splitlines()

@@ -9,13 +9,21 @@ import pytest
 import torch
 from conftest import COLORS
 
-from minihuatuo import ppo_train
-from minihuatuo.checkpoint import load_model
-from minihuatuo.ppo import (PRESETS, PPOConfig, gae, learning_rate, masked_whiten, per_token_rewards, policy_loss,
-                            value_loss)
-from minihuatuo.rl import masks_from_last, response_logprobs, rollout, truncate_after_stop
-from minihuatuo.tokenizer import Tokenizer
-from minihuatuo.verifier import ExactMatchVerifier
+from minihuatuo.engine.checkpoint import load_model
+from minihuatuo.engine.tokenizer import Tokenizer
+from minihuatuo.services.verifier import ExactMatchVerifier
+from minihuatuo.stages.rl import ppo_train
+from minihuatuo.stages.rl.ppo import (
+    PRESETS,
+    PPOConfig,
+    gae,
+    learning_rate,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    value_loss,
+)
+from minihuatuo.stages.rl.rollout import masks_from_last, response_logprobs, rollout, truncate_after_stop
 
 
 def test_learning_rate_official_schedule():
@@ -227,10 +235,10 @@ def test_kernels_switch_gives_the_same_update(toy, cpu_kernels):
     from the same experience must give the same weights as the reference path (issue 7, point 5).
     `cpu_kernels` asserts that the compiled kernels built: without it, a machine with no compiler
     would compare the reference with itself and pass whatever the kernels do."""
-    from minihuatuo.formats import read_problems
-    from minihuatuo.ppo_train import build_models, collect, learn
-    from minihuatuo.reward import RewardConfig
-    from minihuatuo.sft import Dist
+    from minihuatuo.services.formats import read_problems
+    from minihuatuo.services.reward import RewardConfig
+    from minihuatuo.stages.rl.ppo_train import build_models, collect, learn
+    from minihuatuo.training.distributed import Dist
 
     weights = []
     for fused in (False, True):
@@ -250,10 +258,10 @@ def test_kernels_switch_gives_the_same_update(toy, cpu_kernels):
 
 
 def _experience(toy, cfg):
-    from minihuatuo.formats import read_problems
-    from minihuatuo.ppo_train import build_models, collect
-    from minihuatuo.reward import RewardConfig
-    from minihuatuo.sft import Dist
+    from minihuatuo.services.formats import read_problems
+    from minihuatuo.services.reward import RewardConfig
+    from minihuatuo.stages.rl.ppo_train import build_models, collect
+    from minihuatuo.training.distributed import Dist
 
     ac, ref = build_models(cfg, toy / "sft" / "final", None, "cpu")
     tok = Tokenizer.from_dir(toy / "sft" / "final")
@@ -265,7 +273,7 @@ def _experience(toy, cfg):
 def test_length_sorted_trimmed_chunks_give_the_full_forward_numbers(toy):
     """collect() runs the reference and the critic on chunks of similar length cut to their longest
     response (ppo_train.trim); log π_ref and V_old must equal one forward over all response slots."""
-    from minihuatuo.rl import response_values
+    from minihuatuo.stages.rl.rollout import response_values
 
     cfg = toy_cfg(value_head="separate", micro_batch_size=5, temperature=1.5)
     ac, ref, exp = _experience(toy, cfg)
@@ -282,7 +290,7 @@ def test_length_sorted_trimmed_chunks_give_the_full_forward_numbers(toy):
 def test_micro_batch_size_does_not_change_the_update(toy):
     """Micro-batches are gradient accumulation inside one minibatch: sorted by length and cut to
     their longest response or not, the update is the same sum of per-sequence losses."""
-    from minihuatuo.ppo_train import learn
+    from minihuatuo.stages.rl.ppo_train import learn
 
     weights = []
     for micro in (32, 3):

@@ -15,15 +15,22 @@ import pytest
 import torch
 from conftest import write_plain_tokenizer
 
-from minihuatuo import ppo_train, rl
-from minihuatuo.checkpoint import CheckpointError, load_model
-from minihuatuo.formats import read_problems
-from minihuatuo.ppo import PRESETS, PPOConfig
-from minihuatuo.reward import RewardConfig
-from minihuatuo.rl import forward_inputs, response_logprobs, response_positions, response_values, stop_ids
-from minihuatuo.sft import Dist
-from minihuatuo.tokenizer import Tokenizer
-from minihuatuo.verifier import ExactMatchVerifier
+from minihuatuo.engine.checkpoint import CheckpointError, load_model
+from minihuatuo.engine.tokenizer import Tokenizer
+from minihuatuo.services.formats import read_problems
+from minihuatuo.services.reward import RewardConfig
+from minihuatuo.services.verifier import ExactMatchVerifier
+from minihuatuo.stages.rl import ppo_train
+from minihuatuo.stages.rl import rollout as rl
+from minihuatuo.stages.rl.ppo import PRESETS, PPOConfig
+from minihuatuo.stages.rl.rollout import (
+    forward_inputs,
+    response_logprobs,
+    response_positions,
+    response_values,
+    stop_ids,
+)
+from minihuatuo.training.distributed import Dist
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minihuatuo"
 
@@ -249,8 +256,8 @@ def test_a_critic_with_another_vocabulary_is_refused(toy, tmp_path):
     shutil.copytree(policy, narrow)
     conf = json.loads((narrow / "config.json").read_text())
     model = load_model(policy)
-    from minihuatuo.checkpoint import save_model
-    from minihuatuo.model import build_model
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.engine.model import build_model
     small_model = build_model(replace(model.cfg, vocab_size=200), seed=0)
     save_model(small_model, narrow, copy_files_from=policy)
     assert json.loads((narrow / "config.json").read_text())["vocab_size"] == 200 != conf["vocab_size"]
@@ -297,7 +304,7 @@ def test_every_config_field_is_read_by_the_code(algo, toy, tmp_path):
     """A field that becomes a CLI flag but that no code reads is a silent no-op for the user (as
     PPOConfig.distributed was). One short run of each RL command's `train` must read every field of its
     config (the run does not need to act on each: a read is where the value decides something)."""
-    from minihuatuo import dpo, grpo, rloo
+    from minihuatuo.stages.rl import dpo, grpo, rloo
 
     policy, data = toy / "sft" / "final", toy / "problems.json"
     common = dict(response_length=48, max_prompt_length=64, micro_batch_size=8, lr=1e-5, save_every=1)
@@ -321,12 +328,12 @@ def test_rl_commands_pass_the_classifier_template(toy, tmp_path, capsys):
     """ppo / rloo / grpo / dpo take --classifier-template and the classifier verifier they build reads
     it; without one, a loud warning says the built-in template is not the checkpoint's."""
     from minihuatuo.cli import build_parser
-    from minihuatuo.verifier import PLACEHOLDERS
+    from minihuatuo.services.verifier import PLACEHOLDERS
 
     assert "{response}" in PLACEHOLDERS
     clf = tmp_path / "clf"
     model = load_model(toy / "sft" / "final")
-    from minihuatuo.checkpoint import save_model
+    from minihuatuo.engine.checkpoint import save_model
     model.cfg = replace(model.cfg, lm_head=False, num_labels=2, tie_word_embeddings=False)
     model.lm_head = None
     model.score = torch.nn.Linear(model.cfg.hidden_size, 2, bias=False)
@@ -351,8 +358,8 @@ def test_losses_are_finite_whatever_the_padding_holds():
     """Padding may hold any log-probs (checklist 10: the official code writes a placeholder there). A
     log-ratio of +100 in a padding slot overflows exp in fp32; masked before exp, the PPO and GRPO losses
     and their gradients equal those with zeros in the padding, and RLOO's ignores −inf there."""
-    from minihuatuo import grpo, rloo
-    from minihuatuo.ppo import policy_loss
+    from minihuatuo.stages.rl import grpo, rloo
+    from minihuatuo.stages.rl.ppo import policy_loss
 
     mask = torch.tensor([[1, 1, 0]], dtype=torch.bool)
     adv = torch.tensor([[-1.0, -1.0, -1.0]])

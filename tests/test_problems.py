@@ -12,14 +12,35 @@ from pathlib import Path
 
 import pytest
 
-from minihuatuo.formats import X_KEY, Y_KEY, MCQItem, read_problems
-from minihuatuo.problem_prompts import (Asker, Prompts, ReplyError, load_prompts, parse_problem_json, parse_verdict,
-                                        render)
-from minihuatuo.problem_rules import (NotReformulatable, aggregate_option, is_combination, multiple_correct,
-                                     negative_question, reformat_offline, rule_filter, singular)
-from minihuatuo.problems import (ProblemsConfig, build_problems, llm_filter, reformat_items, split_problems,
-                                 too_easy_filter)
-from minihuatuo.records import read_records
+from minihuatuo.services.formats import X_KEY, Y_KEY, MCQItem, read_problems
+from minihuatuo.services.records import read_records
+from minihuatuo.stages.problem_prompts import (
+    Asker,
+    Prompts,
+    ReplyError,
+    load_prompts,
+    parse_problem_json,
+    parse_verdict,
+    render,
+)
+from minihuatuo.stages.problem_rules import (
+    NotReformulatable,
+    aggregate_option,
+    is_combination,
+    multiple_correct,
+    negative_question,
+    reformat_offline,
+    rule_filter,
+    singular,
+)
+from minihuatuo.stages.problems import (
+    ProblemsConfig,
+    build_problems,
+    llm_filter,
+    reformat_items,
+    split_problems,
+    too_easy_filter,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEMO = SHARED / "reference" / "medical_o1_demo_150.json"
@@ -357,8 +378,8 @@ def test_local_model_context_fit(tiny_checkpoint):
     (and is dropped as too_long_for_llm), max_tokens shrinks to a power of two that fits."""
     import dataclasses
 
-    from minihuatuo.backends import ChatRequest, LocalBackend
-    from minihuatuo.problem_prompts import _fit
+    from minihuatuo.services.backends import ChatRequest, LocalBackend
+    from minihuatuo.stages.problem_prompts import _fit
 
     backend = LocalBackend.from_dir(tiny_checkpoint, batch_size=4)
     short = ChatRequest([{"role": "user", "content": "What is the most likely diagnosis?"}], max_tokens=4)
@@ -453,8 +474,8 @@ def test_cli_build_through_endpoints_with_prompt_file(tmp_path, tiny_checkpoint,
     HTTP round trip), our own short prompts from --prompts, the API key only in the environment."""
     import threading
 
-    from minihuatuo.backends import LocalBackend
-    from minihuatuo.serve import ChatServer
+    from minihuatuo.services.backends import LocalBackend
+    from minihuatuo.services.serve import ChatServer
 
     secret = "sk-test-problems-0123456789"
     monkeypatch.setenv("PB_TEST_KEY", secret)

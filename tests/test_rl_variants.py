@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 
-from minihuatuo import cli, dpo, grpo, rloo
-from minihuatuo.checkpoint import load_model
-from minihuatuo.formats import read_problems
-from minihuatuo.records import FormatError
-from minihuatuo.reward import RewardConfig, extract_final_response
-from minihuatuo.tokenizer import Tokenizer
-from minihuatuo.verifier import ExactMatchVerifier, exact_match
-
+from minihuatuo import cli
+from minihuatuo.engine.checkpoint import load_model
+from minihuatuo.engine.tokenizer import Tokenizer
+from minihuatuo.services.formats import read_problems
+from minihuatuo.services.records import FormatError
+from minihuatuo.services.reward import RewardConfig, extract_final_response
+from minihuatuo.services.verifier import ExactMatchVerifier, exact_match
+from minihuatuo.stages.rl import dpo, grpo, rloo
 
 
 @pytest.fixture(autouse=True)
@@ -39,8 +39,8 @@ def test_rloo_official_preset_is_ppo_plus_k2(toy, monkeypatch):
     prompt exactly twice, in blocks, and steps the optimizer once per PPO epoch."""
     import dataclasses
 
-    from minihuatuo.ppo import PRESETS as PPO_PRESETS
-    from minihuatuo.sft import Dist
+    from minihuatuo.stages.rl.ppo import PRESETS as PPO_PRESETS
+    from minihuatuo.training.distributed import Dist
 
     c, ppo = rloo.PRESETS["official"], PPO_PRESETS["official"]
     shared = {f.name for f in dataclasses.fields(c)} & {f.name for f in dataclasses.fields(ppo)}

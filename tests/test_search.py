@@ -18,15 +18,22 @@ from pathlib import Path
 
 import pytest
 
-from minihuatuo.backends import Completion
-from minihuatuo.formats import VerifiableProblem, read_sft
-from minihuatuo.records import read_records
-from minihuatuo.search import FAILURE_REASONS, SearchConfig, allowed_strategies, problem_ids, run_search
-from minihuatuo.search_cli import summarize, write_outputs
-from minihuatuo.search_prompts import (STRATEGIES, STRATEGY_INSTRUCTIONS, ReplyError, SearchPrompts,
-                                       load_search_prompts, parse_cot, parse_natural_reasoning)
-from minihuatuo.search_reformat import long_cot, previous_reasoning, simple_cot, template_complex_cot
-from minihuatuo.verifier import ExactMatchVerifier
+from minihuatuo.services.backends import Completion
+from minihuatuo.services.formats import VerifiableProblem, read_sft
+from minihuatuo.services.records import read_records
+from minihuatuo.services.verifier import ExactMatchVerifier
+from minihuatuo.stages.search import FAILURE_REASONS, SearchConfig, allowed_strategies, problem_ids, run_search
+from minihuatuo.stages.search_cli import summarize, write_outputs
+from minihuatuo.stages.search_prompts import (
+    STRATEGIES,
+    STRATEGY_INSTRUCTIONS,
+    ReplyError,
+    SearchPrompts,
+    load_search_prompts,
+    parse_cot,
+    parse_natural_reasoning,
+)
+from minihuatuo.stages.search_reformat import long_cot, previous_reasoning, simple_cot, template_complex_cot
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_150 = SHARED / "reference" / "medical_o1_demo_150.json"
@@ -463,7 +470,7 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path):
 
 
 def test_sigkill_mid_run_then_rerun_gives_each_problem_exactly_once(tmp_path):
-    from minihuatuo.serve import ChatServer
+    from minihuatuo.services.serve import ChatServer
 
     data = tmp_path / "problems.jsonl"
     data.write_text("".join(json.dumps(problem(n).to_record()) + "\n" for n in range(16)))
@@ -548,7 +555,7 @@ def test_command_end_to_end_with_a_real_tiny_model(tiny_checkpoint, tmp_path):
 
 
 def test_transitions_lower_case_only_ordinary_capitalised_words():
-    from minihuatuo.search_reformat import decapitalize
+    from minihuatuo.stages.search_reformat import decapitalize
 
     assert decapitalize("The rash spread.") == "the rash spread."
     assert decapitalize("Together, fever and cough fit pneumonia.") == "together, fever and cough fit pneumonia."
@@ -577,7 +584,7 @@ def test_transitions_lower_case_only_ordinary_capitalised_words():
     ("", False, False),
 ])
 def test_judge_verdict_rules_on_hand_written_replies(reply, strict, official):
-    from minihuatuo.verifier import LLMJudgeVerifier, parse_verdict
+    from minihuatuo.services.verifier import LLMJudgeVerifier, parse_verdict
 
     assert parse_verdict(reply) is strict  # the default is ours
     assert parse_verdict(reply, "strict") is strict
@@ -588,7 +595,7 @@ def test_judge_verdict_rules_on_hand_written_replies(reply, strict, official):
 
 
 def test_unknown_judge_rule_is_an_error():
-    from minihuatuo.verifier import LLMJudgeVerifier, parse_verdict
+    from minihuatuo.services.verifier import LLMJudgeVerifier, parse_verdict
 
     with pytest.raises(ValueError, match="'lenient': expected one of strict, official"):
         parse_verdict("True", "lenient")
@@ -614,14 +621,15 @@ class ConstantJudge:
 def test_judge_parse_flag_reaches_the_llm_judge_of_the_search_command(flag, accepted, tmp_path, monkeypatch, capsys):
     """A judge that answers "The response is not true." rejects e_0 under our rule and accepts it under
     the official one; the rule is a SearchConfig field, pinned by config.json on resume."""
-    import minihuatuo.reward
-    import minihuatuo.search_cli
+    import minihuatuo.services.reward
+    import minihuatuo.stages.search_cli
+
     from minihuatuo.cli import main
-    from minihuatuo.verifier import LLMJudgeVerifier
+    from minihuatuo.services.verifier import LLMJudgeVerifier
 
     judge = ConstantJudge("The response is not true.")
-    monkeypatch.setattr(minihuatuo.search_cli, "search_backend", lambda args, cfg: Scripted({"Q1": [cot("measles")]}))
-    monkeypatch.setattr(minihuatuo.reward, "build_verifier", lambda name, args: LLMJudgeVerifier(judge))
+    monkeypatch.setattr(minihuatuo.stages.search_cli, "search_backend", lambda args, cfg: Scripted({"Q1": [cot("measles")]}))
+    monkeypatch.setattr(minihuatuo.services.reward, "build_verifier", lambda name, args: LLMJudgeVerifier(judge))
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps(problem(1).to_record()) + "\n")
     out = tmp_path / "o"

@@ -13,14 +13,14 @@ import torch
 from conftest import write_plain_tokenizer
 from safetensors.torch import load_file
 
-from minihuatuo import sft
-from minihuatuo.checkpoint import load_model, save_model
-from minihuatuo.config import build_config
-from minihuatuo.formats import SFTExample
-from minihuatuo.model import build_model, preset
-from minihuatuo.sft import PRESETS, SFTConfig, learning_rate, param_groups, train
-from minihuatuo.sft_data import IGNORE, collate_packed, collate_padded, prepare, tokenize
-from minihuatuo.tokenizer import Tokenizer
+from minihuatuo.engine.checkpoint import load_model, save_model
+from minihuatuo.engine.model import build_model, preset
+from minihuatuo.engine.tokenizer import Tokenizer
+from minihuatuo.services.config import build_config
+from minihuatuo.services.formats import SFTExample
+from minihuatuo.stages import sft
+from minihuatuo.stages.sft import PRESETS, SFTConfig, learning_rate, param_groups, train
+from minihuatuo.stages.sft_data import IGNORE, collate_packed, collate_padded, prepare, tokenize
 
 ROWS = [{"Question": f"Patient {i} has fever and cough. Treatment?",
          "Complex_CoT": f"Hmm, fever and cough suggest pneumonia {i % 3}. Wait, check allergy. Also dose.",
@@ -190,7 +190,7 @@ def test_two_processes_equal_one_process(world, strategy):
 
 
 def test_overfits_and_generates_the_format(world):
-    from minihuatuo.sample import SamplingConfig, generate
+    from minihuatuo.engine.sample import SamplingConfig, generate
 
     rows = [{"Question": q, "Complex_CoT": c, "Response": r} for q, c, r in [
         ("Fever and cough?", "Hmm, fever with cough. Wait, pneumonia.", "Amoxicillin."),

@@ -17,8 +17,8 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minihuatuo.tokenizer import KINDS, ChatTemplate, Tokenizer, detect_template
-from minihuatuo.world_pretrain import PLAIN_JINJA
+from minihuatuo.engine.tokenizer import KINDS, ChatTemplate, Tokenizer, detect_template
+from minihuatuo.world.pretrain import PLAIN_JINJA
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"]

@@ -13,13 +13,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from minihuatuo.backends import ChatRequest
-from minihuatuo.reward import (RewardConfig, binary_metrics, extract_final_response, pairs_from_sft,
-                               read_labeled, reward, rewards)
-from minihuatuo.verifier import (JUDGE_PROMPT, ClassifierVerifier, ExactMatchVerifier, LLMJudgeVerifier,
-                                 RuleVerifier, exact_match, load_prompt, parse_verdict, render)
-from minihuatuo.verifier_rules import rule_match
-from minihuatuo.verifier_text import DEFAULT_ALIASES, AliasTable, load_aliases, tokens
+from minihuatuo.services.backends import ChatRequest
+from minihuatuo.services.reward import (
+    RewardConfig,
+    binary_metrics,
+    extract_final_response,
+    pairs_from_sft,
+    read_labeled,
+    reward,
+    rewards,
+)
+from minihuatuo.services.verifier import (
+    JUDGE_PROMPT,
+    ClassifierVerifier,
+    ExactMatchVerifier,
+    LLMJudgeVerifier,
+    RuleVerifier,
+    exact_match,
+    load_prompt,
+    parse_verdict,
+    render,
+)
+from minihuatuo.services.verifier_rules import rule_match
+from minihuatuo.services.verifier_text import DEFAULT_ALIASES, AliasTable, load_aliases, tokens
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEMO = SHARED / "reference" / "medical_o1_demo_150.json"
@@ -260,7 +276,7 @@ def test_user_prompt_file(tmp_path):
 def test_llm_judge_over_a_local_checkpoint(tiny_checkpoint, tmp_path):
     """The product path with a real backend: our model and sampler answer the judge prompt. A
     random tiny model does not say "True", so every verdict is False, in one batched call."""
-    from minihuatuo.backends import LocalBackend
+    from minihuatuo.services.backends import LocalBackend
 
     backend = LocalBackend.from_dir(tiny_checkpoint)
     calls = []
@@ -278,8 +294,9 @@ def test_llm_judge_over_a_local_checkpoint(tiny_checkpoint, tmp_path):
 @pytest.fixture
 def classifier_dir(tmp_path):
     from conftest import write_plain_tokenizer
-    from minihuatuo.checkpoint import save_model
-    from minihuatuo.model import build_model, preset
+
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.engine.model import build_model, preset
 
     tok = write_plain_tokenizer(tmp_path / "tok")
     model = build_model(preset("tiny", vocab_size=320, num_labels=2, lm_head=False), seed=0)
@@ -320,7 +337,7 @@ def test_classifier_threshold_on_hand_set_weights(classifier_dir, tmp_path):
     """With attention and MLP outputs zeroed, the last position's hidden state is the embedding of
     the eos token; set it to ones (RMSNorm keeps ones), and the score rows to (0, d/C): then
     logits = (0, d) and P(True) = sigmoid(d), whatever the text."""
-    from minihuatuo.checkpoint import load_model, save_model
+    from minihuatuo.engine.checkpoint import load_model, save_model
 
     model = load_model(classifier_dir)
     end = ClassifierVerifier.from_dir(classifier_dir).tokenizer.token_to_id("<|end|>")
@@ -441,7 +458,7 @@ def test_cli_verify_errors_name_file_line_field(tmp_path):
 
 def test_read_pairs_and_verifier_options_errors(tmp_path):
     from minihuatuo.cli import build_parser
-    from minihuatuo.reward import build_verifier, read_pairs
+    from minihuatuo.services.reward import build_verifier, read_pairs
 
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"response": "a", "reference": "b"}\n\n{"response": "a"}\n', encoding="utf-8")
@@ -535,7 +552,7 @@ def test_verify_commands_pass_the_judge_parse_rule(tiny_checkpoint):
     """--judge-parse reaches the LLM judge that verify and verifier-eval build (the search command has
     the same option as a SearchConfig field)."""
     from minihuatuo.cli import build_parser
-    from minihuatuo.reward import build_verifier
+    from minihuatuo.services.reward import build_verifier
 
     for command, extra in (("verify", ["--response", "a", "--reference", "a"]), ("verifier-eval", ["--data", "x"])):
         for flag, rule in (([], "strict"), (["--judge-parse", "official"], "official")):

@@ -13,15 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from minihuatuo.formats import read_mcq, read_problems
-from minihuatuo.search_prompts import STRATEGIES, parse_cot
-from minihuatuo.verifier_text import load_aliases
-from minihuatuo.world import DEFAULT_ALIASES, DEFAULT_KB, KBError, Vignette, join, load_kb, write_aliases
-from minihuatuo.world_exam import (generate_exam, heldout_combination, names_overlap, open_problem, sample_vignettes,
-                                   vignette_of)
-from minihuatuo.world_eval import grade, world_verifier
-from minihuatuo.world_tutor import (Attempt, TutorConfig, first_attempt, init_actions, init_exercise,
-                                    refine_exercise)
+from minihuatuo.services.formats import read_mcq, read_problems
+from minihuatuo.services.verifier_text import load_aliases
+from minihuatuo.stages.search_prompts import STRATEGIES, parse_cot
+from minihuatuo.world.evaluation import grade, world_verifier
+from minihuatuo.world.exam import (
+    generate_exam,
+    heldout_combination,
+    names_overlap,
+    open_problem,
+    sample_vignettes,
+    vignette_of,
+)
+from minihuatuo.world.kb import DEFAULT_ALIASES, DEFAULT_KB, KBError, Vignette, join, load_kb, write_aliases
+from minihuatuo.world.tutor import Attempt, TutorConfig, first_attempt, init_actions, init_exercise, refine_exercise
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "data" / "world" / "base"
@@ -225,13 +230,13 @@ def test_exercises_parse_in_the_search_format(kb, verifier):
 
 
 def cfg_sentence(k: str) -> str:
-    from minihuatuo.search_prompts import STRATEGY_INSTRUCTIONS
+    from minihuatuo.stages.search_prompts import STRATEGY_INSTRUCTIONS
 
     return STRATEGY_INSTRUCTIONS[k]
 
 
 def test_grading_reads_the_final_conclusion(kb, verifier):
-    from minihuatuo.formats import VerifiableProblem
+    from minihuatuo.services.formats import VerifiableProblem
 
     v = Vignette("cap", ("fever", "a productive cough", "focal crackles"), 50, "male", None, "diagnosis")
     it = generate_exam(kb, "heldout", 1, seed=0)[0]
@@ -250,7 +255,7 @@ def test_grading_reads_the_final_conclusion(kb, verifier):
 
 
 def test_corpus_never_shows_a_heldout_combination(kb):
-    from minihuatuo.world_text import CorpusConfig, build_corpus
+    from minihuatuo.world.text import CorpusConfig, build_corpus
 
     docs = build_corpus(kb, CorpusConfig(textbook_passes=0, fact_questions=0, init_exercises=150,
                                          refine_exercises=150, direct_exercises=150, mcq_exercises=50,
@@ -278,8 +283,8 @@ def tiny_world(tmp_path_factory):
 
 def test_world_pretrain_writes_a_loadable_checkpoint(tiny_world):
     """The checkpoint loads and generates, and the training loss recorded in pretrain.json falls."""
-    from minihuatuo.checkpoint import load_model
-    from minihuatuo.tokenizer import Tokenizer
+    from minihuatuo.engine.checkpoint import load_model
+    from minihuatuo.engine.tokenizer import Tokenizer
 
     model = load_model(tiny_world)
     tok = Tokenizer.from_dir(tiny_world)
@@ -302,8 +307,8 @@ def test_world_pretrain_writes_a_loadable_checkpoint(tiny_world):
 
 
 def test_prompt_pieces_are_single_tokens_and_text_round_trips(kb, tiny_world):
-    from minihuatuo.tokenizer import Tokenizer
-    from minihuatuo.world_pretrain import prompt_pieces, render_doc
+    from minihuatuo.engine.tokenizer import Tokenizer
+    from minihuatuo.world.pretrain import prompt_pieces, render_doc
 
     tok = Tokenizer.from_dir(tiny_world)
     for piece in prompt_pieces():
@@ -323,7 +328,7 @@ def test_world_eval_runs_on_a_checkpoint(tiny_world):
     check of the verdicts is independent of it: an empty or whitespace reply is neither correct nor
     readable, whatever the grader (the tiny model's greedy replies here are newlines only). Grading
     itself is checked on constructed replies by test_world_eval_grades_replies_as_they_were_built."""
-    from minihuatuo.world_eval import evaluate_base
+    from minihuatuo.world.evaluation import evaluate_base
 
     report = evaluate_base(tiny_world, n=3, batch_size=3)
     items = generate_exam(load_kb(DEFAULT_KB), "heldout", 3, 0)  # what evaluate_base drew (n=3, seed 0)
@@ -352,8 +357,8 @@ def test_world_eval_grades_replies_as_they_were_built(raw):
     item's own; world_eval.grade, the rule verifier and extract_choice are never called. A right
     reply mentions the wrong answer before its conclusion and a wrong one mentions the right answer,
     so only reading the final response / Final Conclusion / chosen letter gives the plan."""
-    from minihuatuo.backends import ChatRequest
-    from minihuatuo.world_eval import evaluate_base
+    from minihuatuo.services.backends import ChatRequest
+    from minihuatuo.world.evaluation import evaluate_base
 
     n = 6
     items = generate_exam(load_kb(DEFAULT_KB), "heldout", n, 0)  # what evaluate_base draws (seed 0)
@@ -425,8 +430,8 @@ def test_world_eval_grades_replies_as_they_were_built(raw):
 
 @pytest.mark.skipif(not (BASE / "model.safetensors").exists(), reason="no shipped base model")
 def test_shipped_base_model_matches_the_current_prompts(kb):
-    from minihuatuo.tokenizer import Tokenizer
-    from minihuatuo.world_pretrain import prompt_pieces
+    from minihuatuo.engine.tokenizer import Tokenizer
+    from minihuatuo.world.pretrain import prompt_pieces
 
     tok = Tokenizer.from_dir(BASE)
     stale = [p[:40] for p in prompt_pieces() if len(tok.encode(p, add_special_tokens=False)) != 1]
@@ -436,7 +441,7 @@ def test_shipped_base_model_matches_the_current_prompts(kb):
     # the recorded command regenerates it: every setting but the thread count is today's default
     from dataclasses import asdict
 
-    from minihuatuo.world_pretrain import PretrainConfig
+    from minihuatuo.world.pretrain import PretrainConfig
 
     recorded = {k: v for k, v in summary["config"].items() if k != "threads"}
     defaults = {k: v for k, v in asdict(PretrainConfig()).items() if k != "threads"}
@@ -445,8 +450,8 @@ def test_shipped_base_model_matches_the_current_prompts(kb):
 
 
 def test_direct_exercise_is_think_then_answer_with_the_tutors_conclusion(kb, verifier):
-    from minihuatuo.reward import extract_final_response
-    from minihuatuo.world_tutor import direct_exercise
+    from minihuatuo.services.reward import extract_final_response
+    from minihuatuo.world.tutor import direct_exercise
 
     items = generate_exam(kb, "train", 40, seed=3)
     seen = Counter()

@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from ..decontam import DecontamConfig, EvalIndex, find_contaminated, naive_contaminated
-from ..formats import MCQItem
+from minihuatuo.services.formats import MCQItem
+from minihuatuo.stages.decontam import DecontamConfig, EvalIndex, find_contaminated, naive_contaminated
 
 # Shorter than 40 characters, so that with a uniform vocabulary two stems ending alike still need
 # ~4 more equal words before they share 64 characters: chance overlaps are then ~1e-6 in a run.

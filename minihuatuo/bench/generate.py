@@ -28,9 +28,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import save_model
-from ..model import build_model, preset
-from ..sample import SamplingConfig, generate
+from minihuatuo.engine.checkpoint import save_model
+from minihuatuo.engine.model import build_model, preset
+from minihuatuo.engine.sample import SamplingConfig, generate
 
 
 def best_time(fn, repeats: int) -> float:

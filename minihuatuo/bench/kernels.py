@@ -26,8 +26,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .. import kernels as K
-from .. import reference_kernels as R
+from minihuatuo.engine import kernels as K
+from minihuatuo.engine import reference_kernels as R
+
 from .generate import machine
 
 CASES = ["rmsnorm", "swiglu", "rope", "logprob-fwd", "logprob", "logprob-lsm-fwd", "logprob-lsm", "linear-ce",

@@ -40,12 +40,12 @@ def write_tokenizer(path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    from ..checkpoint import save_model
-    from ..model import build_model, preset
-    from ..ppo import PRESETS
-    from ..ppo_train import train
-    from ..verifier import RuleVerifier
-    from ..verifier_text import load_aliases
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.engine.model import build_model, preset
+    from minihuatuo.services.verifier import RuleVerifier
+    from minihuatuo.services.verifier_text import load_aliases
+    from minihuatuo.stages.rl.ppo import PRESETS
+    from minihuatuo.stages.rl.ppo_train import train
 
     p = argparse.ArgumentParser(prog="python -m minihuatuo.bench ppo", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")

@@ -23,11 +23,11 @@ from pathlib import Path
 def main(argv=None) -> int:
     import torch
 
-    from minihuatuo.backends import LocalBackend
-    from minihuatuo.search import SearchConfig, run_search
-    from minihuatuo.world import WORLD_DIR, load_kb
-    from minihuatuo.world_exam import generate_exam, open_problem
-    from minihuatuo.world_eval import world_verifier
+    from minihuatuo.services.backends import LocalBackend
+    from minihuatuo.stages.search import SearchConfig, run_search
+    from minihuatuo.world.evaluation import world_verifier
+    from minihuatuo.world.exam import generate_exam, open_problem
+    from minihuatuo.world.kb import WORLD_DIR, load_kb
 
     p = argparse.ArgumentParser(prog="python -m minihuatuo.bench search", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(WORLD_DIR / "base"))

@@ -31,9 +31,9 @@ def _rss_kib(field: str) -> int:
 def run_side(side: str, ckpt: str, batch: int, seq: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(0)
     if side == "ours":
-        from ..checkpoint import load_model
-        from ..sft import token_nll_sum
-        from ..sft_data import Batch
+        from minihuatuo.engine.checkpoint import load_model
+        from minihuatuo.stages.sft import token_nll_sum
+        from minihuatuo.stages.sft_data import Batch
 
         model = load_model(ckpt).train()
         V = model.cfg.vocab_size
@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     if args.side:
         print(json.dumps(run_side(args.side, args.ckpt, args.batch, args.seq, args.steps)))
         return 0
-    from ..checkpoint import save_model
-    from ..model import build_model, preset
+    from minihuatuo.engine.checkpoint import save_model
+    from minihuatuo.engine.model import build_model, preset
 
     with tempfile.TemporaryDirectory() as d:
         save_model(build_model(preset(args.preset), seed=0), d)

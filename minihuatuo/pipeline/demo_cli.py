@@ -1,0 +1,27 @@
+"""The `minihuatuo demo` command: the demo (demo.py) or its ablation (ablation.py)."""
+from __future__ import annotations
+
+from minihuatuo.pipeline.ablation import run_ablation
+from minihuatuo.pipeline.demo import PRESETS, DemoConfig, run_demo
+from minihuatuo.services.config import add_config_args, build_config
+
+
+def cmd_demo(args) -> int:
+    if args.ablation:
+        run_ablation(build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args),
+                     args.out or "demo_ablation", seeds=args.seeds)
+        return 0
+    cfg = build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args)
+    run_demo(cfg, args.out or ("demo_quick" if args.quick else "demo_out"))
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("demo", help="the whole recipe on the bundled clinical world (CPU, minutes)")
+    p.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes on 2 cores)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default demo_out or demo_quick)")
+    p.add_argument("--ablation", action="store_true",
+                   help="SFT on direct response / simple CoT / complex CoT, each then PPO, over --seeds")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the ablation (default 3)")
+    add_config_args(p, DemoConfig)
+    p.set_defaults(func=cmd_demo)
