@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from minihuatuo.engine.tokenizer import KINDS
+from minihuatuo.engine.chat_templates import KINDS
 
 from minihuatuo.engine.checkpoint import DTYPES
 
@@ -99,7 +99,10 @@ def cmd_chat(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from minihuatuo import __version__
+
     parser = argparse.ArgumentParser(prog="minihuatuo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"minihuatuo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="complete one prompt with a checkpoint")

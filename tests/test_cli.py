@@ -98,3 +98,22 @@ def test_bad_checkpoint_gives_a_clear_error_and_no_stdout(tmp_path):
     assert r.returncode == 2
     assert r.stdout == ""
     assert "no tokenizer.json" in r.stderr and str(tmp_path / "missing") in r.stderr
+
+
+def test_version_flag_and_declared_python_range():
+    """`minihuatuo --version` prints the package version; setup.cfg declares the Python range CI tests
+    (>= 3.11: config.py reads TOML with the standard library's tomllib, new in 3.11)."""
+    import configparser
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import minihuatuo
+
+    r = subprocess.run([sys.executable, "-m", "minihuatuo", "--version"], capture_output=True, text=True)
+    assert (r.returncode, r.stdout.strip()) == (0, f"minihuatuo {minihuatuo.__version__}")
+    cfg = configparser.ConfigParser()
+    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    assert cfg["options"]["python_requires"].strip() == ">=3.11"
+    assert sys.version_info >= (3, 11)
+    assert (Path(__file__).resolve().parents[1] / "LICENSE").read_text().startswith("MIT License")

@@ -17,7 +17,8 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from minihuatuo.engine.tokenizer import KINDS, ChatTemplate, Tokenizer, detect_template
+from minihuatuo.engine.chat_templates import KINDS, ChatTemplate, detect_template
+from minihuatuo.engine.tokenizer import Tokenizer
 from minihuatuo.world.pretrain import PLAIN_JINJA
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
