@@ -120,11 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     from minihuatuo.pipeline import demo_cli
     from minihuatuo.services import reward, serve
     from minihuatuo.stages import evaluate, problems, search_cli, sft
-    from minihuatuo.stages.rl import dpo, grpo, ppo_train, rloo
+    from minihuatuo.stages.rl import commands as rl_commands  # ppo, rloo, grpo, dpo
     from minihuatuo.world import pretrain as world_pretrain
 
-    for module in (reward, sft, serve, evaluate, ppo_train, rloo, grpo, dpo, problems, world_pretrain, search_cli,
-                   demo_cli):
+    for module in (reward, sft, serve, evaluate, rl_commands, problems, world_pretrain, search_cli, demo_cli):
         module.add_cli(sub)
     return parser
 

@@ -145,7 +145,7 @@ def ppo_gae(dtype=F64) -> dict:
         return _case(name, dict(rewards=rewards, values=values, gamma=gamma, lam=lam), dict(advantages=a))
 
     # an EOS-terminated row (L = 2, score 1 at slot 3) and a row without stop (score on its last slot);
-    # values are 0 beyond L + 1 as ppo_train.collect makes them
+    # values are 0 beyond L + 1 as ppo.collect makes them
     rewards = [[-0.015, 0.0075, -0.03, 1.0, 0.0, 0.0], [0.003, -0.009, 0.0, 0.012, -0.006, 0.1]]
     values = [[0.25, 0.5, 0.625, 0.75, 0.0, 0.0], [0.125, -0.25, 0.375, 0.0, 0.5, -0.125]]
     _, vmask = _masks_from_last([1, 4, 5], 7)
@@ -501,6 +501,21 @@ def reward_rule() -> dict:
         run("final_response_without_blank_lines", [think + "## Final Response community-acquired pneumonia"], [y]),
         run("batch_of_three", [ok, wrong, "Pneumonia."], [y, y, y]),
         run("custom_values", [ok, wrong, "Pneumonia."], [y, y, y], correct=2.0, incorrect=-0.5, no_format=-1.0),
+        # issue 25: the rule verifier judges the conclusion committed to last, with exactly one candidate
+        run("hack_list_of_candidates_rejected",
+            [think + "## Final Response\n\nThe diagnosis is community-acquired pneumonia, pulmonary embolism, "
+                     "tuberculosis."], [y]),
+        run("hack_lettered_options_rejected",
+            [think + "## Final Response\n\nA) pulmonary embolism B) community-acquired pneumonia"], [y]),
+        run("hack_negated_then_another_answer_rejected",
+            [think + "## Final Response\n\nCommunity-acquired pneumonia is ruled out. The diagnosis is pulmonary "
+                     "embolism."], [y]),
+        run("hack_abandoned_first_answer_rejected",
+            [think + "## Final Response\n\nI first thought community-acquired pneumonia, but the answer is "
+                     "pulmonary embolism."], [y]),
+        run("reflection_ending_on_the_answer_accepted",
+            [think + "## Final Response\n\nMy first thought was pulmonary embolism. Wait, the findings do not fit "
+                     "pulmonary embolism; the answer is community-acquired pneumonia."], [y]),
         run("direct_response_ablation_no_thinking_required",
             ["## Final Response\n\nCommunity-acquired pneumonia.", "Community-acquired pneumonia.",
              think + "## Final Response\n\nPulmonary embolism.", "## Final Response\n\n"],

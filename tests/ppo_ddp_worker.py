@@ -13,8 +13,8 @@ from minihuatuo.engine.tokenizer import Tokenizer
 from minihuatuo.services.formats import read_problems
 from minihuatuo.services.reward import RewardConfig
 from minihuatuo.services.verifier import ExactMatchVerifier
-from minihuatuo.stages.rl.ppo import PPOConfig
-from minihuatuo.stages.rl.ppo_train import build_models, collect, learn, select_experience
+from minihuatuo.stages.rl.ppo import PPOConfig, collect, learn, select_experience
+from minihuatuo.stages.rl.ppo_run import build_models
 from minihuatuo.training.distributed import Dist, init_distributed
 
 root, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -330,6 +330,7 @@ def test_server_rejects_bad_requests_naming_the_field(start_server):
                           ({"messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
                           ({"n": 0}, "n"), ({"n": True}, "n"), ({"temperature": "hot"}, "temperature"),
                           ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"), ({"seed": "x"}, "seed"),
+                          ({"seed": 10**30}, "seed"), ({"seed": -1}, "seed"),
                           ({"stream": True}, "stream"), ({"top_p": 0.5}, "top_p")]:
         status, body = post(url, {**ok, **change})
         assert status == 400 and body["error"]["param"] == param, (change, body)
@@ -384,3 +385,23 @@ def test_bad_configuration_is_refused():
             OpenAIBackend(url, "m")
     with pytest.raises(ValueError, match=r"requests\[0\]\.n"):
         OpenAIBackend("http://127.0.0.1:1/v1", "m").complete([ChatRequest(chat("q"), n=0)])
+
+
+def test_a_client_that_leaves_mid_generation_costs_one_log_line(start_server, capfd, caplog):
+    """A client that disconnects while its completion is generated: the server logs one line (no
+    BrokenPipeError traceback) and keeps serving."""
+    import socket
+
+    srv = start_server(delay_s=0.3)
+    host, port = srv.server_address[:2]
+    body = json.dumps({"messages": chat("q"), "max_tokens": 4}).encode()
+    with caplog.at_level("INFO", logger="minihuatuo.services.serve"):
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        time.sleep(1.0)  # the server finishes the completion and writes to a reset socket
+        status, _ = post(srv.url + "/v1/chat/completions", {"messages": chat("q"), "max_tokens": 2})
+    assert status == 200  # still serving
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "ConnectionResetError" not in err

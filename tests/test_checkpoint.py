@@ -180,3 +180,34 @@ def test_saving_copies_chat_template_jinja(tmp_path):
     (src / "chat_template.jinja").unlink()
     out = save_model(build_model(preset("tiny", vocab_size=320), seed=0), tmp_path / "ckpt2", copy_files_from=src)
     assert not (out / "chat_template.jinja").exists()
+
+
+@pytest.mark.parametrize("cut", ["empty", "header", "half"])
+def test_a_truncated_safetensors_file_is_an_error_naming_it(tmp_path, cut):
+    """A weights file cut short (a crash, a full disk) or empty: a CheckpointError that names the
+    file and says it is incomplete, never the library's bare SafetensorError."""
+    from minihuatuo.engine.checkpoint import CheckpointError, load_model, save_model
+    from minihuatuo.engine.model import build_model, preset
+
+    d = save_model(build_model(preset("tiny"), seed=0), tmp_path / "m")
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"empty": b"", "header": data[:6], "half": data[: len(data) // 2]}[cut])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a complete safetensors file"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_save_model_exports_in_another_dtype(saved, tmp_path, name):
+    """`dtype`: the weights rounded to it, config.json saying so (what transformers' dtype="auto" and
+    vLLM's default read); the model in memory is untouched."""
+    model, _ = saved
+    dtype = checkpoint.SAVE_DTYPES[name]
+    path = save_model(model, tmp_path / name, dtype=dtype)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == name
+    stored = load_file(path / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {dtype}
+    back = load_model(path)  # kept as stored
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(back.state_dict()[k], v.to(dtype)), k

@@ -7,6 +7,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -117,3 +119,70 @@ def test_version_flag_and_declared_python_range():
     assert cfg["options"]["python_requires"].strip() == ">=3.11"
     assert sys.version_info >= (3, 11)
     assert (Path(__file__).resolve().parents[1] / "LICENSE").read_text().startswith("MIT License")
+
+
+# ----------------------------------------------------------------------------- configuration (services/config.py)
+# Nested configs on made-up dataclasses: the rules, apart from any stage (the demo's own: test_demo.py).
+
+
+@dataclass
+class Inner:
+    lr: float = 1.0
+    steps: int = 10
+    name: str = "a"
+    seed: int = 0
+
+
+@dataclass
+class Outer:
+    seed: int = 0
+    inner: Inner = field(default_factory=lambda: Inner(lr=0.5))  # the outer config's own inner defaults
+    DERIVED: ClassVar[dict[str, str]] = {"inner.seed": "seed"}
+    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"inner_lr": ("inner.lr",), "both": ("inner.steps", "seed")}
+
+    def __post_init__(self):
+        self.inner = replace(self.inner, seed=self.seed)
+
+
+def test_nested_config_flags_files_and_layers(tmp_path):
+    import argparse
+
+    from minihuatuo.services.config import add_config_args, build_config
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, Outer)
+    flags = {o for a in parser._actions for o in a.option_strings}
+    assert {"--seed", "--inner.lr", "--inner-lr", "--inner.steps", "--both"} <= flags and "--inner.seed" not in flags
+    (tmp_path / "c.toml").write_text('seed = 2\n[inner]\nname = "file"\nsteps = 4\n')
+    (tmp_path / "c.json").write_text('{"seed": 2, "inner": {"name": "file", "steps": 4}}')
+    for f in ("c.toml", "c.json"):
+        args = parser.parse_args(["--config", str(tmp_path / f), "--inner.steps", "3", "--inner-lr", "0.25"])
+        assert build_config(Outer, {}, None, args.config, args) == Outer(seed=2, inner=Inner(0.25, 3, "file"))
+    # a nested config given in part keeps the outer field's default (lr 0.5), a preset's when one is named
+    presets = {"p": Outer(inner=Inner(lr=0.1, name="preset"))}
+    assert build_config(Outer, {}, None, str(tmp_path / "c.json")).inner == Inner(0.5, 4, "file", seed=2)
+    assert build_config(Outer, presets, "p", None, {"inner.steps": 9}).inner == Inner(0.1, 9, "preset")
+    assert build_config(Outer, {}, None, None, {"inner.steps": 9}) == build_config(Outer, {}, None, None,
+                                                                                    {"inner": {"steps": 9}})
+    # an alias setting several fields; a field named as well wins over it
+    assert build_config(Outer, {}, None, None, parser.parse_args(["--both", "5"])) == Outer(5, Inner(0.5, 5, seed=5))
+    assert build_config(Outer, {}, None, None, {"both": 5, "inner": {"steps": 6}}).inner.steps == 6
+
+
+def test_config_file_type_errors_name_the_file_and_field(tmp_path):
+    from minihuatuo.services.config import build_config
+    from minihuatuo.stages.sft import PRESETS, SFTConfig
+
+    for text, message in (('{"epochs": "3"}', "epochs: expected int, got str '3'"),
+                          ('{"epochs": true}', "epochs: expected int, got bool True"),
+                          ('{"pack": 1}', "pack: expected bool, got int 1"),
+                          ('{"inner": {"steps": 1.5}}', "inner.steps: expected int, got float 1.5"),
+                          ('{"inner": {"seed": 1}}', "inner.seed is derived from seed"),
+                          ('{"inner": {"step": 1}}', "unknown field\\(s\\) inner.step"),
+                          ('{"inner": []}', "inner: expected a table of Inner fields")):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=f"bad.json: {message}"):
+            build_config(Outer if "inner" in text else SFTConfig, {}, None, str(tmp_path / "bad.json"))
+    (tmp_path / "ok.json").write_text('{"lr": 1}')  # an int where a float is expected is a float
+    lr = build_config(SFTConfig, PRESETS, "tiny-world", str(tmp_path / "ok.json")).lr
+    assert lr == 1.0 and isinstance(lr, float)

@@ -6,7 +6,10 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
+from functools import reduce
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,6 +45,22 @@ def test_results_json_follows_the_contract(quick_run):
         assert len(graded) == r["n"]
         assert sum(g["correct"] for g in graded) / r["n"] == pytest.approx(r["accuracy"])  # the file backs the number
         assert 0.0 <= r["mcq_accuracy"] <= 1.0 and r["avg_response_tokens"] > 0
+        # the reasoning diagnostics (issue 19 contract), each backed by the graded file
+        for key in ("unfinished", "reflection", "first_accuracy"):
+            assert isinstance(r[key], float) and 0.0 <= r[key] <= 1.0, key
+        assert -1.0 <= r["reflection_gain"] <= 1.0  # signed: (wrong → right) − (right → wrong), over n
+        n = r["n"]
+        assert sum(not g["finished"] for g in graded) / n == pytest.approx(r["unfinished"])
+        assert sum(g["reflected"] for g in graded) / n == pytest.approx(r["reflection"])
+        assert sum(g["first_correct"] for g in graded) / n == pytest.approx(r["first_accuracy"])
+        gain = sum((not g["first_correct"] and g["correct"]) - (g["first_correct"] and not g["correct"])
+                   for g in graded if g["reflected"])
+        assert gain / n == pytest.approx(r["reflection_gain"])
+        assert sum(t["n"] for t in r["by_type"].values()) == n
+        for t, v in r["by_type"].items():
+            rows = [g for g in graded if g["type"] == t]
+            assert len(rows) == v["n"] and sum(g["correct"] for g in rows) / len(rows) == pytest.approx(v["accuracy"])
+    assert results["heldout_seed"] == config["heldout_seed"]
 
 
 def test_every_output_parses(quick_run):
@@ -83,11 +102,13 @@ def test_demo_refuses_to_mix_runs(quick_run):
 
 
 def test_demo_settings_reach_the_training_exam_and_ppo(monkeypatch, tmp_path):
-    """`train_contraindicated` shapes the training exam only (the held-out exam keeps its mix), and the
-    PPO settings reach ppo_train; the stages themselves are replaced here (control flow only)."""
-    import minihuatuo.stages.rl.ppo_train as ppo_train
-
+    """`train_exam` shapes the training exam only (the held-out exam keeps its mix), and each stage of
+    huatuo_o1 receives its own config from DemoConfig, derived values filled in; the stages themselves
+    are replaced here (control flow only)."""
     from minihuatuo.pipeline import demo
+    from minihuatuo.stages import sft
+    from minihuatuo.stages.rl import ppo_run
+    from minihuatuo.world.exam import ExamConfig
 
     seen = {}
 
@@ -95,26 +116,118 @@ def test_demo_settings_reach_the_training_exam_and_ppo(monkeypatch, tmp_path):
         seen["train"] = train_items
         raise KeyboardInterrupt  # nothing after the exam is needed
 
-    monkeypatch.setattr(demo, "huatuo_o1", stop_after_exam)
-    for p in (0.0, 1.0):
-        with pytest.raises(KeyboardInterrupt):
-            demo.run_demo(demo.DemoConfig(n_train=200, train_contraindicated=p), tmp_path / f"p{p}")
-        treat = [it.extra["world"] for it in seen["train"] if it.extra["world"]["qtype"] == "treatment"]
-        with_context = [w for w in treat if w["context"]]
-        assert len(with_context) > 20
-        # p = 0: a named context rules the first-line drug out only where no harmless one fits the
-        # patient; p = 1: every named context does
-        n = sum(w["contraindicated"] for w in with_context)
-        assert (n < 0.1 * len(with_context)) if p == 0.0 else (n == len(with_context)), (p, n, len(with_context))
-        seen[p] = (tmp_path / f"p{p}" / "heldout.json").read_text(encoding="utf-8")
+    with monkeypatch.context() as m:
+        m.setattr(demo, "huatuo_o1", stop_after_exam)
+        for p in (0.0, 1.0):
+            with pytest.raises(KeyboardInterrupt):
+                cfg = demo.DemoConfig(n_train=200, train_exam=ExamConfig(contraindicated=p))
+                demo.run_demo(cfg, tmp_path / f"p{p}")
+            treat = [it.extra["world"] for it in seen["train"] if it.extra["world"]["qtype"] == "treatment"]
+            with_context = [w for w in treat if w["context"]]
+            assert len(with_context) > 20
+            # p = 0: a named context rules the first-line drug out only where no harmless one fits the
+            # patient; p = 1: every named context does
+            n = sum(w["contraindicated"] for w in with_context)
+            assert (n < 0.1 * len(with_context)) if p == 0.0 else (n == len(with_context)), (p, n, len(with_context))
+            seen[p] = (tmp_path / f"p{p}" / "heldout.json").read_text(encoding="utf-8")
     assert seen[0.0] == seen[1.0] and len(json.loads(seen[0.0])) == 300  # the held-out exam is the same
 
-    def fake_train(cfg, policy_dir, rl_path, out, verifier, reward_cfg):
-        seen["ppo"] = cfg
+    def stage(name, returns=None):
+        def run(cfg, *args, **kwargs):
+            seen[name] = cfg
+            return returns
+        return run
 
-    monkeypatch.setattr(ppo_train, "train", fake_train)
-    cfg = demo.DemoConfig(ppo_updates=5, ppo_batch=8, ppo_warmup_ratio=0.2, ppo_lr=1e-4)
-    policy = demo.reinforce(cfg, tmp_path, tmp_path / "rl.json", tmp_path / "ppo", None)
-    assert policy == tmp_path / "ppo" / "final" / "policy"
+    monkeypatch.setattr(demo.LocalBackend, "from_dir", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "make_problems", stage("problems", returns=SimpleNamespace(search=[])))
+    monkeypatch.setattr(demo, "search_trajectories", stage("search"))
+    monkeypatch.setattr(sft, "train", stage("sft"))
+    monkeypatch.setattr(ppo_run, "train", stage("ppo"))
+    d = demo.DemoConfig()
+    cfg = demo.DemoConfig(seed=7, response_length=99, ppo_updates=5,
+                          ppo=replace(d.ppo, batch_size=8, warmup_ratio=0.2, lr=1e-4), sft=replace(d.sft, lr=0.5))
+    models = demo.huatuo_o1(cfg, tmp_path / "run", [], None, {})
+    assert models["ppo"] == tmp_path / "run" / "ppo" / "final" / "policy"
     ppo = seen["ppo"]
     assert (ppo.total_episodes, ppo.batch_size, ppo.warmup_ratio, ppo.lr) == (40, 8, 0.2, 1e-4)
+    assert (ppo.response_length, seen["search"].max_tokens) == (99, 99)
+    assert (seen["sft"].lr, seen["sft"].epochs) == (0.5, 1)
+    assert {seen[s].seed for s in ("problems", "search", "sft", "ppo")} == {7}
+    assert (seen["problems"], seen["search"], seen["sft"], ppo) == (cfg.problems, cfg.search, cfg.sft, cfg.ppo)
+
+
+def demo_config(argv: list[str]):
+    """The DemoConfig `minihuatuo demo ARGV` would run with (the real parser and build_config)."""
+    from minihuatuo.cli import build_parser
+    from minihuatuo.pipeline.demo import PRESETS, DemoConfig
+    from minihuatuo.services.config import build_config
+
+    args = build_parser().parse_args(["demo", *argv])
+    return build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args)
+
+
+def test_nested_flags_and_config_file_reach_the_stage_configs(tmp_path):
+    from minihuatuo.pipeline.demo import PRESETS
+
+    (tmp_path / "c.toml").write_text('n_train = 50\n[ppo]\nbatch_size = 8\nvf_coef = 1\n[search]\nmax_depth = 1\n')
+    (tmp_path / "c.json").write_text('{"n_train": 50, "ppo": {"batch_size": 8, "vf_coef": 1}, '
+                                     '"search": {"max_depth": 1}}')
+    for f in ("c.toml", "c.json"):
+        cfg = demo_config(["--quick", "--config", str(tmp_path / f), "--ppo.lr", "1e-5", "--sft.epochs", "2",
+                           "--search.max-attempts", "1", "--seed", "3"])
+        quick = PRESETS["quick"]
+        assert cfg.n_train == 50 and (cfg.ppo.batch_size, cfg.ppo.vf_coef, cfg.ppo.lr) == (8, 1.0, 1e-5)
+        assert (cfg.search.max_depth, cfg.search.max_attempts, cfg.sft.epochs) == (1, 1, 2)
+        assert cfg.ppo.total_episodes == quick.ppo_updates * 8  # derived from the file's batch size
+        assert {cfg.problems.seed, cfg.search.seed, cfg.sft.seed, cfg.ppo.seed} == {3}
+        # what neither the file nor a flag names keeps the preset's value, not the stage class's default
+        assert (cfg.ppo.temperature, cfg.ppo.micro_batch_size, cfg.search.reformat, cfg.n_heldout) == \
+               (quick.ppo.temperature, quick.ppo.micro_batch_size, "template", quick.n_heldout)
+        assert cfg.sft.max_length == quick.sft.max_length == 1024
+
+
+def test_old_flat_flags_keep_their_meaning(tmp_path):
+    """Every flag of the flat DemoConfig (before issue 18) sets the stage field(s) it names; in a config
+    file too."""
+    from minihuatuo.pipeline.demo import DemoConfig
+
+    default = demo_config([])
+    values = {int: 5, float: 0.25, str: "shared"}  # none of them a default; "shared": ppo.value_head
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for old, paths in DemoConfig.ALIASES.items():
+        value = values[type(reduce(getattr, paths[0].split("."), default))]
+        by_old = demo_config([flag(old), str(value)])
+        by_new = demo_config([x for path in paths for x in (flag(path), str(value))])  # --ppo.batch-size 5
+        assert by_old == by_new != default, old
+        (tmp_path / f"{old}.json").write_text(json.dumps({old: value}))
+        assert demo_config(["--config", str(tmp_path / f"{old}.json")]) == by_old, old
+    sft = demo_config(["--sft-batch", "8"]).sft
+    assert (sft.global_batch_size, sft.micro_batch_size) == (8, 8)
+    sft = demo_config(["--sft-batch", "8", "--sft.micro-batch-size", "4"]).sft  # the named field wins
+    assert (sft.global_batch_size, sft.micro_batch_size) == (8, 4)
+    # the demo's own flags are unchanged
+    cfg = demo_config(["--ppo-updates", "7", "--response-length", "64", "--n-train", "10", "--seed", "2"])
+    assert (cfg.ppo.total_episodes, cfg.ppo.response_length, cfg.search.max_tokens, cfg.n_train, cfg.sft.seed) == \
+           (7 * 48, 64, 64, 10, 2)
+
+
+def test_config_file_errors_name_the_file_and_field(tmp_path):
+    cases = {
+        '{"ppo": {"lrate": 1}}': "unknown field\\(s\\) ppo.lrate",
+        '{"ppo": {"lr": "fast"}}': "ppo.lr: expected float, got str 'fast'",
+        '{"search": {"max_depth": 2.5}}': "search.max_depth: expected int, got float 2.5",
+        '{"ppo": {"total_episodes": 10}}': "ppo.total_episodes is derived from ppo_updates",
+        '{"sft": {"seed": 1}}': "sft.seed is derived from seed",
+        '{"ppo": 3}': "ppo: expected a table of PPOConfig fields",
+        '{"n_trian": 3}': "unknown field\\(s\\) n_trian for DemoConfig",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        f = tmp_path / f"bad{i}.json"
+        f.write_text(text)
+        with pytest.raises(ValueError, match=f"bad{i}.json: {message}"):
+            demo_config(["--config", str(f)])
+    with pytest.raises(SystemExit):  # derived fields have no flag
+        demo_config(["--ppo.seed", "1"])

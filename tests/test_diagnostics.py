@@ -131,3 +131,20 @@ def test_patterns_are_configurable_for_other_styles():
     assert r.verdicts == [("Answer: amoxicillin.", "reject")]
     with pytest.raises(ValueError, match="no replies"):
         summarize([], [], grade)
+
+
+def test_reply_stats_for_any_models_outputs():
+    """eval's reference-free reply diagnostics, counted by hand on five outputs."""
+    from minihuatuo.stages.diagnostics import reply_stats
+
+    outs = [WRONG_THEN_RIGHT, NO_REFLECTION, UNFINISHED, "The answer is B.", "Wait, maybe C. The answer is C."]
+    s = reply_stats(outs)
+    assert s["n"] == 5 and s["format_ok"] == pytest.approx(2 / 5)  # 1 and 2 have both headings
+    assert s["unfinished"] == pytest.approx(1 / 5)  # 3 started thinking and never answered; 4, 5 never started
+    assert s["reflection_markers"] == pytest.approx(3 / 5)  # 1 and 3 ("Wait"), 5 ("Wait" leads its text)
+    assert s["mean_words"] == pytest.approx(sum(len(o.split()) for o in outs) / 5)
+    cut = reply_stats(outs, finish_reasons=["stop", "length", "length", "stop", "stop"])
+    assert cut["unfinished"] == pytest.approx(2 / 5)  # 2 was cut at the length limit after its answer
+    cfg = DiagnosticsConfig(reflection_pattern=r"\bmaybe\b")
+    assert reply_stats(outs, cfg)["reflection_markers"] == pytest.approx(1 / 5)
+    assert reply_stats([]) == {"n": 0}

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from minihuatuo.services.formats import MCQItem, read_mcq
+from minihuatuo.services.response_format import FINAL_RULES, extract_final_response
 from minihuatuo.stages.evaluate import (
     Extraction,
     explicit_answers,
     extract_choice,
-    final_response,
     isolated_letters,
     option_mentions,
     render_prompt,
@@ -93,9 +93,25 @@ def test_step4_similarity_and_none():
 
 def test_final_response_part_decides():
     out = "## Thinking\n\nHmm, the answer is A? Wait.\n\n## Final Response\n\nThe answer is B."
-    assert final_response(out) == "\n\nThe answer is B."
+    assert extract_final_response(out, "tolerant") == "\n\nThe answer is B."
     assert ex(out) == ("B", "B", "explicit")
     assert ex("no headings, the answer is E.") == ("E", "E", "explicit")
+
+
+def test_final_response_rules_side_by_side():
+    """One extractor, four readings (response_format.py): what the reward (strict; exact in the
+    direct-response ablation), our scorer (tolerant) and the official scorer read of one output."""
+    cases = {
+        "## Thinking\n\nhmm\n\n## Final Response\n\nB.": ("B.", "\n\nB.", "\n\nB.", "B."),
+        "## Thinking\n\nhmm\n##final response\nB.": (None, "## Thinking\n\nhmm\n##final response\nB.", "\nB.",
+                                                     "## Thinking\n\nhmm\n##final response\nB."),
+        "## Final Response\n\nA\n## Final Response\nB": (None, "\nB", "\nB", "A\n## Final Response\nB"),
+        "no headings": (None, "no headings", "no headings", "no headings"),
+    }
+    for output, expected in cases.items():
+        assert tuple(extract_final_response(output, rule) for rule in FINAL_RULES) == expected, output
+    with pytest.raises(ValueError, match="expected one of strict, exact, tolerant, official"):
+        extract_final_response("x", "lenient")
 
 
 def test_prompt_rendering():
@@ -360,3 +376,27 @@ def test_cli_contract_official_scorer(tmp_path):
     assert lines[0].split()[:9] == ["source", "n", "first", "%", "last", "%", "max", "%", "missing"]
     assert lines[2].split() == ["MedQA", "6", "50.0", "33.3", "50.0", "1", "1/1/1/0/2"]
     assert lines[3].split() == ["PubMedQA", "3", "66.7", "66.7", "66.7", "0", "0/0/2/0/1"]
+
+
+def test_cli_reply_diagnostics_per_source(tmp_path):
+    """eval reports reference-free reply diagnostics per source (stages/diagnostics.reply_stats), so a
+    reproduction that scores below its base model can be read: format, unfinished, reflection markers."""
+    o = {"A": "alpha", "B": "beta", "C": "gamma", "D": "delta"}
+    data = tmp_path / "bench.json"
+    data.write_text(json.dumps({"MedQA": [{"id": f"m{i}", "question": "?", "options": o, "answer_idx": "A"}
+                                          for i in range(4)]}))
+    outs = {"m0": "## Thinking\n\nIt is alpha. Wait, let me verify: yes.\n\n## Final Response\n\nThe answer is A.",
+            "m1": "## Thinking\n\nAlpha or beta. Hmm, beta",  # started thinking, never answered
+            "m2": "The answer is A.",
+            "m3": "## Thinking\n\nClearly alpha.\n\n## Final Response\n\nA"}
+    outputs = tmp_path / "outputs.jsonl"
+    outputs.write_text("".join(json.dumps({"id": k, "output": v}) + "\n" for k, v in outs.items()))
+    report = tmp_path / "report.json"
+    r = run("eval", "--data", str(data), "--outputs", str(outputs), "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    st = json.loads(report.read_text())["replies"]["MedQA"]
+    assert (st["n"], st["format_ok"], st["unfinished"], st["reflection_markers"]) == (4, 0.5, 0.25, 0.5)
+    assert "MedQA replies: 4, think-then-answer format 50.0%, unfinished 25.0%" in r.stderr
+    r = run("eval", "--data", str(data), "--outputs", str(outputs), "--report", str(report),
+            "--reflection-pattern", r"\bclearly\b")
+    assert json.loads(report.read_text())["replies"]["MedQA"]["reflection_markers"] == 0.25

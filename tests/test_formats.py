@@ -209,3 +209,16 @@ def test_real_demo_file_parses_in_all_three_formats(tmp_path):
             assert F.read_mcq(out) == mcq
         else:
             assert back == raw and all(list(a) == list(b) for a, b in zip(back, raw))
+
+
+def test_non_utf8_input_names_the_line_and_the_byte(tmp_path):
+    """A stray Latin-1 byte on line 3 of a JSONL file: the error names the file, line 3 and the byte
+    offset from the start of the file."""
+    from minihuatuo.services.records import FormatError, read_records
+
+    f = tmp_path / "bad.jsonl"
+    good = b'{"a": 1}\n{"a": 2}\n'
+    f.write_bytes(good + b'{"a": "caf\xe9"}\n')
+    with pytest.raises(FormatError, match=rf"bad\.jsonl: line 3: not UTF-8 text \(invalid continuation byte at "
+                                          rf"byte {len(good) + 10}\)"):
+        read_records(f)

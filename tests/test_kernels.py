@@ -250,7 +250,7 @@ def test_chunked_lm_head_matches_materialised_logits(dev, dtype, V, C, N, chunk)
             check_as_accurate(kernel, reference, oracle, what)
 
     # per-token log-prob and entropy (PPO): backward recomputes each chunk's logits
-    out = K.token_logprobs_and_entropy(h, W, targets, 0.7, chunk_rows=chunk)
+    out = K.linear_logprobs_and_entropy(h, W, targets, 0.7, chunk_rows=chunk)
     out_ref = R.linear_logprobs_and_entropy(h, W, targets, 0.7)
     out64 = R.linear_logprobs_and_entropy(h64, W64, targets, 0.7)
     for name, a, b, c in zip(("log-prob", "entropy"), out, out_ref, out64):
@@ -279,7 +279,7 @@ def test_linear_cross_entropy_backward_once_and_eval_mode(dev):
     with torch.no_grad():  # evaluation: forward only, same value
         check(K.linear_cross_entropy(h, W, t), loss, 1e-6, "eval nll")
     with pytest.raises(ValueError, match="temperature"):
-        K.token_logprobs_and_entropy(h, W, t, 0.0)
+        K.linear_logprobs_and_entropy(h, W, t, 0.0)
 
 
 # ----------------------------------------------------------------------------- references: gradcheck in float64
@@ -301,7 +301,7 @@ def test_references_pass_gradcheck_in_float64():
     # float64 runs the PyTorch statement of the kernels' algorithm, with its hand-written backward:
     # the row-by-row log-prob (entropy gradient included) and the chunked LM head (chunk of 2 rows)
     assert gc(lambda z: K.logprobs_from_logits(z, t, 0.7), (r(3, 9),))
-    assert gc(lambda h, w: K.token_logprobs_and_entropy(h, w, t, 0.7, chunk_rows=2), (r(3, 4), r(9, 4)))
+    assert gc(lambda h, w: K.linear_logprobs_and_entropy(h, w, t, 0.7, chunk_rows=2), (r(3, 4), r(9, 4)))
 
 
 # ----------------------------------------------------------------------------- the model and the SFT trainer

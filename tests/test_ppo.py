@@ -12,26 +12,26 @@ from conftest import COLORS
 from minihuatuo.engine.checkpoint import load_model
 from minihuatuo.engine.tokenizer import Tokenizer
 from minihuatuo.services.verifier import ExactMatchVerifier
-from minihuatuo.stages.rl import ppo_train
+from minihuatuo.stages.rl import ppo_run
 from minihuatuo.stages.rl.ppo import (
     PRESETS,
     PPOConfig,
     gae,
-    learning_rate,
     masked_whiten,
     per_token_rewards,
     policy_loss,
     value_loss,
 )
 from minihuatuo.stages.rl.rollout import masks_from_last, response_logprobs, rollout, truncate_after_stop
+from minihuatuo.training.schedules import warmup_from_zero_linear_lr
 
 
 def test_learning_rate_official_schedule():
     c = PRESETS["official"]  # 157 updates, warmup ceil(0.05 * 157) = 8, stepped once per update (checklist 33)
-    assert learning_rate(0, 157, c) == 0.0  # update 1 trains at lr 0
-    assert learning_rate(7, 157, c) == pytest.approx(5e-7 * 7 / 8)
-    assert learning_rate(8, 157, c) == pytest.approx(5e-7)
-    assert learning_rate(156, 157, c) == pytest.approx(5e-7 * 1 / 149)
+    assert warmup_from_zero_linear_lr(0, 157, c) == 0.0  # update 1 trains at lr 0
+    assert warmup_from_zero_linear_lr(7, 157, c) == pytest.approx(5e-7 * 7 / 8)
+    assert warmup_from_zero_linear_lr(8, 157, c) == pytest.approx(5e-7)
+    assert warmup_from_zero_linear_lr(156, 157, c) == pytest.approx(5e-7 * 1 / 149)
 
 
 def test_truncation_keeps_the_first_stop_token_and_masks():
@@ -161,7 +161,7 @@ def test_sampler_logprobs_equal_a_fresh_forward(toy):
 
 
 def test_policy_and_reference_start_equal_and_the_reference_is_frozen(toy):
-    ac, ref = ppo_train.build_models(toy_cfg(value_head="separate"), toy / "sft" / "final", None, "cpu")
+    ac, ref = ppo_run.build_models(toy_cfg(value_head="separate"), toy / "sft" / "final", None, "cpu")
     for (n, p), (_, q) in zip(ac.policy.named_parameters(), ref.named_parameters()):
         assert torch.equal(p, q) and not q.requires_grad, n  # checklist 1
     assert ac.critic.lm_head is None and ac.critic.score.weight.shape == (1, 64)  # fresh C → 1 head (checklist 2)
@@ -171,7 +171,7 @@ def test_policy_and_reference_start_equal_and_the_reference_is_frozen(toy):
 def test_ppo_raises_the_verifier_score_over_three_seeds(toy):
     gains = []
     for seed in range(3):
-        h = ppo_train.train(toy_cfg(seed=seed), toy / "sft" / "final", toy / "problems.json", toy / f"run{seed}",
+        h = ppo_run.train(toy_cfg(seed=seed), toy / "sft" / "final", toy / "problems.json", toy / f"run{seed}",
                             ExactMatchVerifier())
         start = sum(m["score"] for m in h[:3]) / 3
         end = sum(m["score"] for m in h[-3:]) / 3
@@ -181,21 +181,21 @@ def test_ppo_raises_the_verifier_score_over_three_seeds(toy):
 
 
 def test_resume_after_a_crash_gives_the_same_metrics(toy, monkeypatch):
-    straight = ppo_train.train(toy_cfg(updates=4, save_every=2), toy / "sft" / "final", toy / "problems.json",
+    straight = ppo_run.train(toy_cfg(updates=4, save_every=2), toy / "sft" / "final", toy / "problems.json",
                                toy / "straight", ExactMatchVerifier())
-    real_update = ppo_train.update
+    real_update = ppo_run.update
 
     def crash_in_update_3(u, *a, **k):
         if u == 2:
             raise KeyboardInterrupt("killed during update 3")
         return real_update(u, *a, **k)
 
-    monkeypatch.setattr(ppo_train, "update", crash_in_update_3)
+    monkeypatch.setattr(ppo_run, "update", crash_in_update_3)
     with pytest.raises(KeyboardInterrupt):
-        ppo_train.train(toy_cfg(updates=4, save_every=2), toy / "sft" / "final", toy / "problems.json",
+        ppo_run.train(toy_cfg(updates=4, save_every=2), toy / "sft" / "final", toy / "problems.json",
                         toy / "crashed", ExactMatchVerifier())
     monkeypatch.undo()
-    resumed = ppo_train.train(toy_cfg(updates=4, save_every=2), toy / "sft" / "final", toy / "problems.json",
+    resumed = ppo_run.train(toy_cfg(updates=4, save_every=2), toy / "sft" / "final", toy / "problems.json",
                               toy / "crashed", ExactMatchVerifier(), resume=True)
     assert [m["update"] for m in resumed] == [3, 4]
     drop = ("time_rollout", "time_ref_value", "time_reward", "time_optimize")
@@ -237,7 +237,8 @@ def test_kernels_switch_gives_the_same_update(toy, cpu_kernels):
     would compare the reference with itself and pass whatever the kernels do."""
     from minihuatuo.services.formats import read_problems
     from minihuatuo.services.reward import RewardConfig
-    from minihuatuo.stages.rl.ppo_train import build_models, collect, learn
+    from minihuatuo.stages.rl.ppo import collect, learn
+    from minihuatuo.stages.rl.ppo_run import build_models
     from minihuatuo.training.distributed import Dist
 
     weights = []
@@ -260,7 +261,8 @@ def test_kernels_switch_gives_the_same_update(toy, cpu_kernels):
 def _experience(toy, cfg):
     from minihuatuo.services.formats import read_problems
     from minihuatuo.services.reward import RewardConfig
-    from minihuatuo.stages.rl.ppo_train import build_models, collect
+    from minihuatuo.stages.rl.ppo import collect
+    from minihuatuo.stages.rl.ppo_run import build_models
     from minihuatuo.training.distributed import Dist
 
     ac, ref = build_models(cfg, toy / "sft" / "final", None, "cpu")
@@ -272,7 +274,7 @@ def _experience(toy, cfg):
 
 def test_length_sorted_trimmed_chunks_give_the_full_forward_numbers(toy):
     """collect() runs the reference and the critic on chunks of similar length cut to their longest
-    response (ppo_train.trim); log π_ref and V_old must equal one forward over all response slots."""
+    response (rollout.trim); log π_ref and V_old must equal one forward over all response slots."""
     from minihuatuo.stages.rl.rollout import response_values
 
     cfg = toy_cfg(value_head="separate", micro_batch_size=5, temperature=1.5)
@@ -290,7 +292,7 @@ def test_length_sorted_trimmed_chunks_give_the_full_forward_numbers(toy):
 def test_micro_batch_size_does_not_change_the_update(toy):
     """Micro-batches are gradient accumulation inside one minibatch: sorted by length and cut to
     their longest response or not, the update is the same sum of per-sequence losses."""
-    from minihuatuo.stages.rl.ppo_train import learn
+    from minihuatuo.stages.rl.ppo import learn
 
     weights = []
     for micro in (32, 3):

@@ -18,9 +18,9 @@ from conftest import write_plain_tokenizer
 from minihuatuo.engine.checkpoint import CheckpointError, load_model
 from minihuatuo.engine.tokenizer import Tokenizer
 from minihuatuo.services.formats import read_problems
-from minihuatuo.services.reward import RewardConfig
+from minihuatuo.services.reward import RewardConfig, build_verifier
 from minihuatuo.services.verifier import ExactMatchVerifier
-from minihuatuo.stages.rl import ppo_train
+from minihuatuo.stages.rl import ppo, ppo_run
 from minihuatuo.stages.rl import rollout as rl
 from minihuatuo.stages.rl.ppo import PRESETS, PPOConfig
 from minihuatuo.stages.rl.rollout import (
@@ -42,9 +42,9 @@ def small(cfg: PPOConfig, **kw) -> PPOConfig:
 
 
 def experience(toy, cfg, tok=None):
-    ac, ref = ppo_train.build_models(cfg, toy / "sft" / "final", None, "cpu")
+    ac, ref = ppo_run.build_models(cfg, toy / "sft" / "final", None, "cpu")
     tok = tok or Tokenizer.from_dir(toy / "sft" / "final")
-    exp = ppo_train.collect(0, cfg, ac, ref, tok, read_problems(toy / "problems.json"), ExactMatchVerifier(), Dist(),
+    exp = ppo.collect(0, cfg, ac, ref, tok, read_problems(toy / "problems.json"), ExactMatchVerifier(), Dist(),
                             RewardConfig(), {})
     return ac, ref, exp
 
@@ -65,7 +65,7 @@ class GradRecorder(torch.optim.SGD):
 
 def learn_grads(ac, cfg, exp) -> dict[str, torch.Tensor]:
     opt = GradRecorder(list(ac.named_parameters()))
-    ppo_train.learn(0, cfg, ac, opt, exp)
+    ppo.learn(0, cfg, ac, opt, exp)
     assert len(opt.grads) == cfg.ppo_epochs * cfg.num_mini_batches
     return opt.grads[0]
 
@@ -101,7 +101,7 @@ def test_official_preset_generates_every_token_and_steps_three_times(toy, monkey
     assert seen[0][0] != () and seen[0][1] < 48  # tiny-world stops at the stop token
 
     opt = GradRecorder(list(ac.named_parameters()))
-    ppo_train.learn(0, official, ac, opt, exp)
+    ppo.learn(0, official, ac, opt, exp)
     assert len(opt.grads) == 3  # 3 PPO epochs × 1 minibatch (checklist 30)
 
     cut = small(PRESETS["official"])  # R = 8: no toy reply ends in 8 tokens
@@ -126,8 +126,8 @@ def test_official_stop_set_is_the_tokenizers_eos_token(toy, tmp_path, monkeypatc
     assert stop_ids(tok, "eos_token") == [end] and stop_ids(tok, "all") == [other, end]
 
     passed = []
-    real_rollout = ppo_train.rollout
-    monkeypatch.setattr(ppo_train, "rollout", lambda *a, **k: passed.append(a[5]) or real_rollout(*a, **k))
+    real_rollout = rl.rollout
+    monkeypatch.setattr(rl, "rollout", lambda *a, **k: passed.append(a[5]) or real_rollout(*a, **k))
     for which in ("eos_token", "all"):
         experience(toy, small(PRESETS["official"], stop_tokens=which), tok=tok)
     assert passed == [[end], [other, end]]
@@ -153,10 +153,10 @@ def test_training_forward_divides_the_logits_by_the_temperature(toy):
             logp, _, _ = ac(ids, mask, pos, at, ro.response.reshape(-1), 0.6, fused)
             torch.testing.assert_close(logp.double(), by_hand.squeeze(-1), atol=1e-5, rtol=0)
     opt = GradRecorder(list(ac.named_parameters()))
-    logs = ppo_train.learn(0, cfg, ac, opt, exp)
+    logs = ppo.learn(0, cfg, ac, opt, exp)
     assert max(logs["approx_kl"]) < 1e-9 and abs(logs["ratio"][0] - 1) < 1e-5
     hot = replace(cfg, temperature=1.0)  # the same experience read at another temperature
-    logs = ppo_train.learn(0, hot, ac, GradRecorder(list(ac.named_parameters())), exp)
+    logs = ppo.learn(0, hot, ac, GradRecorder(list(ac.named_parameters())), exp)
     assert max(logs["approx_kl"]) > 1e-5  # measured 6e-4: the toy policy is sharp, T moves it little
 
 
@@ -233,7 +233,7 @@ def test_values_for_v_old_do_not_run_the_policys_lm_head(toy, monkeypatch):
         raise AssertionError("the policy's LM head ran")
 
     monkeypatch.setattr(ac.policy.lm_head, "forward", no_head)
-    v = ppo_train._values(ac, exp.ro)
+    v = ppo.critic_values(ac, exp.ro)
     with torch.no_grad():
         torch.testing.assert_close(v, response_values(ac.critic, exp.ro), atol=1e-6, rtol=0)
 
@@ -245,13 +245,13 @@ def test_a_critic_with_another_vocabulary_is_refused(toy, tmp_path):
     cfg = small(PRESETS["tiny-world"], value_head="separate")
     same = tmp_path / "same"
     shutil.copytree(policy, same)
-    ac, _ = ppo_train.build_models(cfg, policy, same, "cpu")  # the same vocabulary: accepted
+    ac, _ = ppo_run.build_models(cfg, policy, same, "cpu")  # the same vocabulary: accepted
     assert ac.critic is not None
     other = tmp_path / "other"
     shutil.copytree(policy, other)
     write_plain_tokenizer(other, vocab_size=280)  # another BPE vocabulary, the same 320-row embedding
     with pytest.raises(CheckpointError, match=r"other.*another vocabulary"):
-        ppo_train.build_models(cfg, policy, other, "cpu")
+        ppo_run.build_models(cfg, policy, other, "cpu")
     narrow = tmp_path / "narrow"
     shutil.copytree(policy, narrow)
     conf = json.loads((narrow / "config.json").read_text())
@@ -262,22 +262,22 @@ def test_a_critic_with_another_vocabulary_is_refused(toy, tmp_path):
     save_model(small_model, narrow, copy_files_from=policy)
     assert json.loads((narrow / "config.json").read_text())["vocab_size"] == 200 != conf["vocab_size"]
     with pytest.raises(CheckpointError, match=r"narrow.*200 rows"):
-        ppo_train.build_models(cfg, policy, narrow, "cpu")
+        ppo_run.build_models(cfg, policy, narrow, "cpu")
 
 
 def test_no_prompt_twice_in_a_batch_with_drop_last():
     """The official loader drops each data epoch's last partial batch, so a batch never holds a prompt
     twice; ⌊n / batch⌋ batches per epoch cover distinct items, and a resumed run gets the same ones."""
     n, bs = 10, 4
-    batches = [ppo_train.update_prompts(n, u, bs, seed=7) for u in range(12)]
+    batches = [rl.update_prompts(n, u, bs, seed=7) for u in range(12)]
     assert all(len(b) == bs and len(set(b)) == bs for b in batches)
     for e in range(6):  # 2 batches per epoch; 2 items of each epoch wait for the next permutation
         assert len(set(batches[2 * e]) | set(batches[2 * e + 1])) == 8
-    assert batches[5] == ppo_train.update_prompts(n, 5, bs, seed=7)
+    assert batches[5] == rl.update_prompts(n, 5, bs, seed=7)
     assert batches[0] != batches[2]  # a new permutation every epoch
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        ppo_train.update_prompts(3, 0, 4, seed=7)
-    stream = [ppo_train.update_prompts(n, u, bs, seed=7, drop_last=False) for u in range(3)]
+        rl.update_prompts(3, 0, 4, seed=7)
+    stream = [rl.update_prompts(n, u, bs, seed=7, drop_last=False) for u in range(3)]
     assert sorted(stream[0] + stream[1] + stream[2][:2]) == list(range(n))  # the stream: every item once per epoch
 
 
@@ -310,7 +310,7 @@ def test_every_config_field_is_read_by_the_code(algo, toy, tmp_path):
     common = dict(response_length=48, max_prompt_length=64, micro_batch_size=8, lr=1e-5, save_every=1)
     if algo == "ppo":
         cfg, reads = tracked(PPOConfig(**common, batch_size=4, total_episodes=8, value_head="separate"))
-        ppo_train.train(cfg, policy, data, tmp_path, ExactMatchVerifier(), max_updates=2)
+        ppo_run.train(cfg, policy, data, tmp_path, ExactMatchVerifier(), max_updates=2)
     elif algo in ("rloo", "grpo"):
         module = rloo if algo == "rloo" else grpo
         conf = rloo.RLOOConfig if algo == "rloo" else grpo.GRPOConfig
@@ -344,12 +344,12 @@ def test_rl_commands_pass_the_classifier_template(toy, tmp_path, capsys):
         args = build_parser().parse_args([command, "--policy", "P", "--data", "D", "--out", "O", "--verifier",
                                           "classifier", "--verifier-model", str(clf), "--classifier-template",
                                           str(template)])
-        v = ppo_train.verifier_from_args(args)
+        v = build_verifier(args.verifier, args)
         assert v.template == "R: {response} | G: {reference}{eos}", command
     assert "WARNING" not in capsys.readouterr().err
     args = build_parser().parse_args(["ppo", "--policy", "P", "--data", "D", "--out", "O", "--verifier", "classifier",
                                       "--verifier-model", str(clf)])
-    ppo_train.verifier_from_args(args)
+    build_verifier(args.verifier, args)
     assert "WARNING: --verifier classifier runs with minihuatuo's built-in input template" in capsys.readouterr().err
 
 

@@ -14,14 +14,14 @@ import pytest
 
 from minihuatuo.services.formats import X_KEY, Y_KEY, MCQItem, read_problems
 from minihuatuo.services.records import read_records
+from minihuatuo.services.replies import ReplyError
 from minihuatuo.stages.problem_prompts import (
     Asker,
     Prompts,
-    ReplyError,
-    load_prompts,
+    load_problem_prompts,
+    parse_filter_verdict,
     parse_problem_json,
-    parse_verdict,
-    render,
+    render_mcq,
 )
 from minihuatuo.stages.problem_rules import (
     NotReformulatable,
@@ -230,8 +230,8 @@ def test_parse_problem_json_rejects(reply, message):
     ("Verdict: <Pass | Too Simple | Ambiguous Answer | Not Reformulatable>\nVerdict: Too Simple", "too_simple"),
     ("It mentions bypass surgery but is one recalled fact.\nVerdict: Too Simple", "too_simple"),
 ])
-def test_parse_verdict(reply, verdict):
-    assert parse_verdict(reply) == verdict
+def test_parse_filter_verdict(reply, verdict):
+    assert parse_filter_verdict(reply) == verdict
 
 
 @pytest.mark.parametrize("reply, message", [
@@ -241,27 +241,27 @@ def test_parse_verdict(reply, verdict):
     ("Too Simple? No. Ambiguous Answer? No. So: Pass.", "several verdicts"),
     ("Verdict: <Pass | Too Simple | Ambiguous Answer | Not Reformulatable>", "several verdicts"),
 ])
-def test_parse_verdict_rejects(reply, message):
+def test_parse_filter_verdict_rejects(reply, message):
     with pytest.raises(ReplyError, match=message):
-        parse_verdict(reply)
+        parse_filter_verdict(reply)
 
 
 def test_prompts_render_and_load(tmp_path):
     item = mcq(VIGNETTE + "What is the most likely diagnosis?")
-    text = render(Prompts().reformat, item)
+    text = render_mcq(Prompts().reformat, item)
     assert "A. Pyelonephritis\nB. Cystitis" in text and "Keyed answer: A. Pyelonephritis" in text
     assert '{"Open-ended Verifiable Question": "...", "Ground-True Answer": "..."}' in text  # braces kept
     assert "{" + "question}" not in text
     f = tmp_path / "p.json"
     f.write_text(json.dumps({"llm_filter": "Q: {question} {options} key {answer}. Verdict?"}))
-    p = load_prompts(f)
+    p = load_problem_prompts(f)
     assert p.llm_filter.startswith("Q: ") and p.reformat == Prompts().reformat
     f.write_text(json.dumps({"reformat": "no placeholders"}))
     with pytest.raises(ValueError, match=r"p\.json: field 'reformat': the template has no \{question\}"):
-        load_prompts(f)
+        load_problem_prompts(f)
     f.write_text(json.dumps({"filter": "x"}))
     with pytest.raises(ValueError, match="unknown prompt"):
-        load_prompts(f)
+        load_problem_prompts(f)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,15 +378,17 @@ def test_local_model_context_fit(tiny_checkpoint):
     (and is dropped as too_long_for_llm), max_tokens shrinks to a power of two that fits."""
     import dataclasses
 
-    from minihuatuo.services.backends import ChatRequest, LocalBackend
-    from minihuatuo.stages.problem_prompts import _fit
+    from minihuatuo.services.backends import ChatRequest, LocalBackend, fit_request
 
     backend = LocalBackend.from_dir(tiny_checkpoint, batch_size=4)
     short = ChatRequest([{"role": "user", "content": "What is the most likely diagnosis?"}], max_tokens=4)
     room = backend.context_length - len(backend.tokenizer.apply_chat_template(short.messages))
-    assert _fit(backend, short) is short
-    assert _fit(backend, dataclasses.replace(short, max_tokens=room + 5)).max_tokens == 1 << (room.bit_length() - 1)
-    assert _fit(backend, dataclasses.replace(short, messages=[{"role": "user", "content": "fever " * 2000}])) is None
+    assert fit_request(backend, short) is short
+    assert fit_request(backend, dataclasses.replace(short, max_tokens=room + 5)).max_tokens == \
+        1 << (room.bit_length() - 1)
+    long = dataclasses.replace(short, messages=[{"role": "user", "content": "fever " * 2000}])
+    assert fit_request(backend, long) is None
+    assert fit_request(backend, short, min_room=room) is short and fit_request(backend, short, room + 1) is None
     items = [mcq(VIGNETTE + "What is the most likely diagnosis?", id="fits"),
              mcq(VIGNETTE * 40 + "What is the most likely diagnosis?", id="long")]
     kept, drops = llm_filter(items, backend, "tiny", ProblemsConfig(llm_max_tokens=4, llm_retries=0))

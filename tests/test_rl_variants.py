@@ -17,6 +17,7 @@ from minihuatuo.services.records import FormatError
 from minihuatuo.services.reward import RewardConfig, extract_final_response
 from minihuatuo.services.verifier import ExactMatchVerifier, exact_match
 from minihuatuo.stages.rl import dpo, grpo, rloo
+from minihuatuo.stages.rl import rollout as rl
 
 
 @pytest.fixture(autouse=True)
@@ -52,8 +53,8 @@ def test_rloo_official_preset_is_ppo_plus_k2(toy, monkeypatch):
         rloo.RLOOConfig(rloo_k=3, batch_size=128)
 
     prompts_seen = []
-    real = rloo.rollout
-    monkeypatch.setattr(rloo, "rollout", lambda *a, **k: prompts_seen.append(a[2]) or real(*a, **k))
+    real = rl.rollout
+    monkeypatch.setattr(rl, "rollout", lambda *a, **k: prompts_seen.append(a[2]) or real(*a, **k))
     small = dataclasses.replace(c, response_length=8, max_prompt_length=64, batch_size=8, micro_batch_size=8,
                                 total_episodes=8)
     policy = load_model(toy / "sft" / "final")

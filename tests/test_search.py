@@ -21,13 +21,13 @@ import pytest
 from minihuatuo.services.backends import Completion
 from minihuatuo.services.formats import VerifiableProblem, read_sft
 from minihuatuo.services.records import read_records
+from minihuatuo.services.replies import ReplyError
 from minihuatuo.services.verifier import ExactMatchVerifier
 from minihuatuo.stages.search import FAILURE_REASONS, SearchConfig, allowed_strategies, problem_ids, run_search
 from minihuatuo.stages.search_cli import summarize, write_outputs
 from minihuatuo.stages.search_prompts import (
     STRATEGIES,
     STRATEGY_INSTRUCTIONS,
-    ReplyError,
     SearchPrompts,
     load_search_prompts,
     parse_cot,

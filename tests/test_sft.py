@@ -19,7 +19,8 @@ from minihuatuo.engine.tokenizer import Tokenizer
 from minihuatuo.services.config import build_config
 from minihuatuo.services.formats import SFTExample
 from minihuatuo.stages import sft
-from minihuatuo.stages.sft import PRESETS, SFTConfig, learning_rate, param_groups, train
+from minihuatuo.stages.sft import PRESETS, SFTConfig, param_groups, train
+from minihuatuo.training.schedules import warmup_then_decay_lr
 from minihuatuo.stages.sft_data import IGNORE, collate_packed, collate_padded, prepare, tokenize
 
 ROWS = [{"Question": f"Patient {i} has fever and cough. Treatment?",
@@ -103,11 +104,11 @@ def test_packed_examples_equal_each_example_alone(world):
 def test_learning_rate_schedule_hand_values():
     c = SFTConfig(lr=1.0, warmup_ratio=0.2, schedule="cosine", min_lr_ratio=0.0)
     # 10 steps: warmup 2 steps (0.5, 1.0), then cosine over the remaining 8
-    assert [learning_rate(s, 10, c) for s in (0, 1)] == [0.5, 1.0]
-    assert learning_rate(2, 10, c) == pytest.approx(1.0)
-    assert learning_rate(6, 10, c) == pytest.approx(0.5)  # halfway through the decay
+    assert [warmup_then_decay_lr(s, 10, c) for s in (0, 1)] == [0.5, 1.0]
+    assert warmup_then_decay_lr(2, 10, c) == pytest.approx(1.0)
+    assert warmup_then_decay_lr(6, 10, c) == pytest.approx(0.5)  # halfway through the decay
     lin = SFTConfig(lr=2.0, warmup_ratio=0.0, schedule="linear", min_lr_ratio=0.1)
-    assert learning_rate(5, 10, lin) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert warmup_then_decay_lr(5, 10, lin) == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
 
 
 def test_weight_decay_skips_norms_and_biases():
@@ -161,7 +162,7 @@ def test_resume_after_a_crash_continues_exactly(world, monkeypatch):
     assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
     a, b = weights(world / "straight" / "final"), weights(world / "crashed" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    oa, ob = (load_file(world / d / "final" / "optimizer.safetensors") for d in ("straight", "crashed"))
+    oa, ob = (load_file(world / d / "final" / "trainer" / "optimizer.safetensors") for d in ("straight", "crashed"))
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
 
 

@@ -345,6 +345,10 @@ def test_reward_rule_by_hand():
         "two_final_response_headers": [0.0], "empty_final_response": [0.0],
         "final_response_without_blank_lines": [1.0], "batch_of_three": [1.0, 0.1, 0.0],
         "custom_values": [2.0, -0.5, -1.0], "direct_response_ablation_no_thinking_required": [1.0, 1.0, 0.1, 0.0],
+        # issue 25: hacks name the answer without committing to it; a reflection that ends on it commits
+        "hack_list_of_candidates_rejected": [0.1], "hack_lettered_options_rejected": [0.1],
+        "hack_negated_then_another_answer_rejected": [0.1], "hack_abandoned_first_answer_rejected": [0.1],
+        "reflection_ending_on_the_answer_accepted": [1.0],
     }
     got = {c["name"]: c["expected"]["rewards"] for c in load("reward_rule")["cases"]}
     assert got == want

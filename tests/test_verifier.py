@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from minihuatuo.services.backends import ChatRequest
+from minihuatuo.services.replies import render
+from minihuatuo.services.response_format import extract_final_response
 from minihuatuo.services.reward import (
     RewardConfig,
     binary_metrics,
-    extract_final_response,
     pairs_from_sft,
     read_labeled,
     reward,
@@ -32,7 +33,6 @@ from minihuatuo.services.verifier import (
     exact_match,
     load_prompt,
     parse_verdict,
-    render,
 )
 from minihuatuo.services.verifier_rules import rule_match
 from minihuatuo.services.verifier_text import DEFAULT_ALIASES, AliasTable, load_aliases, tokens
@@ -86,6 +86,7 @@ def test_exact_match(response, reference, expected):
     ("perforating veins and diabetes", ["perforating", "vein", "and", "diabete"]),  # blind, but alike on both sides
     ("10° above the 1st", ["10", "degree", "above", "first"]),
     ("Box A, hepatitis A", ["box", "labela", ",", "hepatitis", "labela"]),  # a letter after a word is a label
+    ("amoxicillin/doxycycline, 5 mg/dL", ["amoxicillin", "/", "doxycycline", ",", "5", "mg", "dl"]),  # a list; a unit
 ])
 def test_tokens(text, expected):
     assert tokens(text) == expected

@@ -25,7 +25,7 @@ from minihuatuo.world.exam import (
     sample_vignettes,
     vignette_of,
 )
-from minihuatuo.world.kb import DEFAULT_ALIASES, DEFAULT_KB, KBError, Vignette, join, load_kb, write_aliases
+from minihuatuo.world.kb import DEFAULT_KB, WORLD_ALIASES, KBError, Vignette, join, load_kb, write_aliases
 from minihuatuo.world.tutor import Attempt, TutorConfig, first_attempt, init_actions, init_exercise, refine_exercise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,9 +73,9 @@ def test_kb_contraindications_are_consistent(kb, raw):
 
 def test_shipped_alias_file_is_current_and_loads(kb, tmp_path):
     fresh = write_aliases(kb, tmp_path / "aliases.tsv")
-    assert fresh.read_text(encoding="utf-8") == DEFAULT_ALIASES.read_text(encoding="utf-8"), \
+    assert fresh.read_text(encoding="utf-8") == WORLD_ALIASES.read_text(encoding="utf-8"), \
         "data/world/aliases.tsv is stale: rerun write_aliases (minihuatuo world exam writes one too)"
-    table = load_aliases([DEFAULT_ALIASES])
+    table = load_aliases([WORLD_ALIASES])
     assert len(table.groups) == len(kb.aliases)
 
 
@@ -186,6 +186,32 @@ def test_world_exam_command_writes_readable_files(tmp_path):
     assert [p.y_star for p in read_problems(out / "heldout_open.json")] == \
         [it.answer for it in read_mcq(out / "heldout.jsonl")]
     assert load_aliases([out / "aliases.tsv"]).groups
+
+
+def test_world_pairs_command_writes_labelled_pairs(tmp_path, kb, verifier):
+    """`world pairs`: N lines of exactly {"response", "reference", "label"}: right answers (label true)
+    and near misses (label false) whose references are answers of the world; --adversarial adds each
+    line's "category" (the hack set; tests/test_hacks.py). Same seed, same file."""
+    out = tmp_path / "pairs.jsonl"
+    cmd = [sys.executable, "-m", "minihuatuo", "world", "pairs", "--n", "45", "--seed", "4", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 45 and all(list(x) == ["response", "reference", "label"] for x in rows)
+    assert Counter(x["label"] for x in rows) == {True: 25, False: 20}
+    answers = {a for c in kb.conditions for a in (c.name, c.investigation, c.complication, c.first_line, c.alternative)}
+    assert {x["reference"] for x in rows} <= answers
+    assert [verifier.verify(x["response"], x["reference"]) for x in rows] == [x["label"] for x in rows]
+    first = out.read_bytes()
+    assert subprocess.run(cmd, capture_output=True, cwd=ROOT).returncode == 0 and out.read_bytes() == first
+    r = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "adv.jsonl"), "--adversarial"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    adv = [json.loads(line) for line in (tmp_path / "adv.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(list(x) == ["response", "reference", "label", "category"] for x in adv)
+    r = subprocess.run(cmd[:5] + ["--n", "0", "--out", str(tmp_path / "none.jsonl")], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and "--n" in r.stderr
 
 
 # ----------------------------------------------------------------------------- the biased tutor
@@ -450,7 +476,7 @@ def test_shipped_base_model_matches_the_current_prompts(kb):
 
 
 def test_direct_exercise_is_think_then_answer_with_the_tutors_conclusion(kb, verifier):
-    from minihuatuo.services.reward import extract_final_response
+    from minihuatuo.services.response_format import extract_final_response
     from minihuatuo.world.tutor import direct_exercise
 
     items = generate_exam(kb, "train", 40, seed=3)
@@ -458,7 +484,7 @@ def test_direct_exercise_is_think_then_answer_with_the_tutors_conclusion(kb, ver
     for it in items:
         doc, attempt = direct_exercise(kb, vignette_of(it), open_problem(it).x, random.Random(it.id), TutorConfig())
         reply = doc[1]["content"]
-        final = extract_final_response(reply)  # the reward's format check passes on every exercise
+        final = extract_final_response(reply, "strict")  # the reward's format check passes on every exercise
         assert final is not None and reply.startswith("## Thinking\n\n")
         ok = verifier.verify(final, open_problem(it).y_star)
         assert ok == (attempt.answer == open_problem(it).y_star)  # ŷ is the tutor's own (biased) conclusion

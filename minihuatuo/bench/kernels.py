@@ -86,7 +86,7 @@ def build(case: str, a, device, dtype, scale: float = 1.0):
                 lambda: K.linear_cross_entropy(h, W, targets), [h, W], [torch.ones((), device=device)], None)
     bwd = case == "linear-logprob"
     return (f"hidden ({N}, {C}), W ({V}, {C}), T=0.7", lambda: R.linear_logprobs_and_entropy(h, W, targets, 0.7),
-            lambda: K.token_logprobs_and_entropy(h, W, targets, 0.7), [h, W], [rnd(N), rnd(N)] if bwd else None, None)
+            lambda: K.linear_logprobs_and_entropy(h, W, targets, 0.7), [h, W], [rnd(N), rnd(N)] if bwd else None, None)
 
 
 def _rss(field: str) -> int:

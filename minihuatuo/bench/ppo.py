@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from minihuatuo.services.verifier import RuleVerifier
     from minihuatuo.services.verifier_text import load_aliases
     from minihuatuo.stages.rl.ppo import PRESETS
-    from minihuatuo.stages.rl.ppo_train import train
+    from minihuatuo.stages.rl.ppo_run import train
 
     p = argparse.ArgumentParser(prog="python -m minihuatuo.bench ppo", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")

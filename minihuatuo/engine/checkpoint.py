@@ -37,6 +37,8 @@ _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # the --dtype choices of the commands that load a model: "auto" keeps the stored dtype
 DTYPES = {**_DTYPES, "auto": None}
+# the --save-dtype choices of the trainers (the dtype of the exported weights)
+SAVE_DTYPES = dict(_DTYPES)
 
 
 class CheckpointError(ValueError):
@@ -163,12 +165,26 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors file")
 
 
+def load_safetensors(f, device="cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors file. A file cut short by a crash or a full disk (its header
+    promises more bytes than it has), an empty one or one that is not safetensors at all is a
+    CheckpointError naming the file, not the library's bare message."""
+    f = Path(f)
+    try:
+        with safe_open(str(f), framework="pt", device=str(device)) as st:
+            return {name: st.get_tensor(name) for name in st.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises SafetensorError (and OSError for unreadable files)
+        size = f.stat().st_size if f.exists() else 0
+        raise CheckpointError(f"{f}: not a complete safetensors file ({size} bytes; {e}); it was probably cut "
+                              f"short while being written: use another checkpoint or write it again") from None
+
+
 def read_state_dict(path: Path, device="cpu") -> dict[str, torch.Tensor]:
     tensors = {}
     for f in weight_files(path):
-        with safe_open(str(f), framework="pt", device=str(device)) as st:
-            for name in st.keys():
-                tensors[name] = st.get_tensor(name)
+        tensors.update(load_safetensors(f, device))
     return tensors
 
 
@@ -210,11 +226,13 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu") -> Transfor
     return model
 
 
-def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, copy_files_from=None) -> Path:
+def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, copy_files_from=None,
+               dtype: torch.dtype | None = None) -> Path:
     """Write `model` as an HF checkpoint directory, atomically (see `atomic_dir`).
-    copy_files_from: a directory whose tokenizer / chat-template / generation-config files are copied alongside."""
+    copy_files_from: a directory whose tokenizer / chat-template / generation-config files are copied alongside.
+    dtype: the dtype of the written weights (and of config.json's torch_dtype); None keeps the model's."""
     with atomic_dir(path) as tmp:
-        write_model_files(model, tmp, max_shard_bytes, copy_files_from)
+        write_model_files(model, tmp, max_shard_bytes, copy_files_from, dtype=dtype)
     return Path(path)
 
 
@@ -243,14 +261,21 @@ def atomic_dir(path):
 
 
 def write_model_files(model: Transformer, out: Path, max_shard_bytes: int = 5 * 2**30, copy_files_from=None,
-                      state: dict | None = None):
+                      state: dict | None = None, dtype: torch.dtype | None = None):
     """config.json + model.safetensors (or shards + index) into the existing directory `out`.
-    state: the full state dict to write instead of model.state_dict() (e.g. gathered from FSDP shards)."""
+    state: the full state dict to write instead of model.state_dict() (e.g. gathered from FSDP shards).
+    dtype: convert the floating-point tensors to it (e.g. an fp32-trained model exported as bfloat16:
+    round to nearest even); None keeps the model's dtype. config.json's torch_dtype says which."""
     out = Path(out)
-    state = {k: v.detach().contiguous().cpu() for k, v in (state or model.state_dict()).items()}
+    state = state or model.state_dict()
+    if dtype is None:
+        dtype = model.model.embed_tokens.weight.dtype
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    else:
+        state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu()
+                 for k, v in state.items()}
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as the embedding
-    dtype = model.model.embed_tokens.weight.dtype
     with open(out / "config.json", "w", encoding="utf-8") as f:
         json.dump(config_to_hf(model.cfg, dtype), f, indent=2)
     shards, current, size = [], {}, 0

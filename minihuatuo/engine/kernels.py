@@ -4,12 +4,13 @@
     swiglu(gate, up)                              silu(gate) · up, forward + backward
     rope_qk(q, k, cos, sin)                       rotary embedding of q (B, T, H, D) and k (B, T, K, D)
     logprobs_from_logits(logits, targets, T)      log π(a) and entropy per row, no (N, V) log-softmax
-    token_logprobs_and_entropy(hidden, W, a, T)   LM head fused with the above, chunked over tokens:
-                                                  never holds the (N, V) logits (SFT and PPO losses)
+    linear_logprobs_and_entropy(hidden, W, a, T)  LM head fused with the above, chunked over tokens:
+                                                  never holds the (N, V) logits (the PPO training forward)
     linear_cross_entropy(hidden, W, labels)       Σ −log π(label): the SFT loss through the same path
 
 Every function computes what its namesake in `reference_kernels` computes (the readable PyTorch
-version, which is also the fallback) within the tolerances that tests/test_kernels.py states.
+version, which is also the fallback) within the tolerances that tests/test_kernels.py states; the
+namesake of `logprobs_from_logits` is `reference_kernels.token_logprobs_and_entropy`.
 
 Which path runs: for CUDA tensors the CUDA kernels, for CPU tensors the C++ kernels (OpenMP), built
 from the sources in kernels/ (or share/minihuatuo/kernels of an install: paths.py) on first use with
@@ -339,7 +340,7 @@ class _LinearNLLSum(torch.autograd.Function):
     def backward(ctx, dloss):
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy's graph can be backpropagated only once (its gradients were "
-                               "computed in forward and handed over); use token_logprobs_and_entropy to retain it")
+                               "computed in forward and handed over); use linear_logprobs_and_entropy to retain it")
         dh, dw = ctx.grads
         ctx.grads = None  # hand the buffers over: autograd can then adopt dw as weight.grad without a copy
         return (None, None, None if dh is None else dh.mul_(dloss).to(ctx.hidden_dtype),
@@ -363,15 +364,16 @@ def _chunk(V: int, chunk_rows: int | None) -> int:
     return chunk_rows or max(1, CHUNK_BYTES // (4 * V))
 
 
-def token_logprobs_and_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                               temperature: float = 1.0, chunk_rows: int | None = None):
+def linear_logprobs_and_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                                temperature: float = 1.0, chunk_rows: int | None = None):
     """(log π(a_t), entropy_t), each float32 (...), of π = softmax(hidden @ Wᵀ / temperature) — the
     LM head fused with the log-prob, chunk_rows tokens at a time, so the (..., V) logits never exist.
 
     hidden: (..., C) final-norm hidden states; lm_head_weight: (V, C); targets: (...) ids, outside
-    [0, V) → log-prob 0. For PPO's new and reference log-probs (notes/ppo.md checklist 7: log_softmax(z / T)[a]) and
-    entropy, through `model(..., logits_at=mask, head=lambda h, w: token_logprobs_and_entropy(h, w,
-    actions, T))` so that DDP / FSDP see the whole forward. Backward recomputes each chunk's logits.
+    [0, V) → log-prob 0 (reference_kernels.linear_logprobs_and_entropy). For PPO's new log-probs and
+    entropy (notes/ppo.md checklist 7: log_softmax(z / T)[a]), inside a forward that DDP / FSDP see
+    whole (stages/rl/ppo.py ActorCritic, or `model(..., logits_at=mask, head=lambda h, w:
+    linear_logprobs_and_entropy(h, w, actions, T))`). Backward recomputes each chunk's logits.
     """
     _check_temperature(temperature)
     if force_reference:

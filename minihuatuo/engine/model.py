@@ -327,7 +327,7 @@ class Transformer(nn.Module):
 
         `head`, a function (h (N, C), lm_head.weight (V, C)) -> anything, replaces the LM head's matmul:
         the fused LM-head losses of kernels.py (linear_cross_entropy for SFT,
-        token_logprobs_and_entropy for PPO), which never hold the (N, V) logits. Passing them through
+        linear_logprobs_and_entropy for PPO), which never hold the (N, V) logits. Passing them through
         forward keeps DDP / FSDP hooks around the whole computation."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache, cache_start)
         if last_only:

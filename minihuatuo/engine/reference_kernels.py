@@ -48,12 +48,17 @@ def rope_qk(q, k, cos, sin_signed):
     return rope(q, cos, sin_signed), rope(k, cos, sin_signed)
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0):
+def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                               with_entropy: bool = True):
     """log π(a) of each target and the entropy of π = softmax(logits / temperature), per row.
 
     logits: (..., V); targets: (...) token ids; a target outside [0, V) (e.g. the -100 ignore label)
-    gets log-prob 0. Returns two float32 tensors (...). This materialises the full (..., V)
-    log-softmax (and its softmax) in fp32 — exactly what the fused kernel avoids.
+    gets log-prob 0. Returns two float32 tensors (...); with_entropy=False returns None for the
+    entropy and skips its two (..., V) passes. This materialises the full (..., V) log-softmax (and
+    its softmax) in fp32 — exactly what the fused kernel avoids.
+
+    The one statement of the tempered log-prob in the package: the RL forwards (stages/rl/rollout.py
+    `response_logprobs`, stages/rl/ppo.py `ActorCritic`) call it, and the kernels are tested against it.
     """
     z = _at_least_fp32(logits) / temperature
     logp_all = torch.log_softmax(z, dim=-1)  # (..., V)
@@ -61,6 +66,8 @@ def token_logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, temp
     valid = (targets >= 0) & (targets < V)
     logp = logp_all.gather(-1, targets.clamp(0, V - 1).unsqueeze(-1)).squeeze(-1)
     logp = torch.where(valid, logp, torch.zeros_like(logp))
+    if not with_entropy:
+        return logp, None
     p = logp_all.exp()
     # -p·log p is 0 where p = 0 (a masked -inf logit), not 0·(-inf) = NaN; masking log p before the
     # product (not the product) keeps the gradient finite too

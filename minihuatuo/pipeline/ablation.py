@@ -60,7 +60,7 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3) -> dict:
 
     base = None
     for seed in range(seeds):
-        c = replace(cfg, seed=seed)
+        c = replace(cfg, seed=seed)  # every stage's seed follows (DemoConfig.__post_init__)
         d = out / f"seed{seed}"
         if not (d / "results.json").exists():
             run_demo(c, d)
@@ -77,10 +77,11 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3) -> dict:
             v = d / f"ablation_{variant}"
             data = d / "search" / VARIANTS[variant]
             say(f"ablation seed {seed}, {variant}: SFT on {count_lines(data)} examples, then PPO")
-            sft_dir = fine_tune(c, c.base, data, v / "sft")
+            # an unfinished variant (a crash) is redone from scratch: its stage directories are replaced
+            sft_dir = fine_tune(c.sft, c.base, data, v / "sft", overwrite=True)
             sft = evaluate_model(sft_dir, heldout, problems, verifier, c, v / "eval_sft.jsonl", "sft", mcq=False)
-            ppo_dir = reinforce(c, sft_dir, d / "problems" / "rl.json", v / "ppo", verifier,
-                                require_thinking=variant != "direct")
+            ppo_dir = reinforce(c.ppo, sft_dir, d / "problems" / "rl.json", v / "ppo", verifier,
+                                require_thinking=variant != "direct", overwrite=True)
             ppo = evaluate_model(ppo_dir, heldout, problems, verifier, c, v / "eval_ppo.jsonl", "ppo", mcq=False)
             record(variant_run(seed, variant, data, sft, ppo))
     summary = {"base": base, "n": len(problems), "seeds": seeds, "config": asdict(cfg),

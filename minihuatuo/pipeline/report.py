@@ -12,13 +12,24 @@ LABELS = {"base": "base (pretrained)", "sft": "SFT on complex CoT", "ppo": "SFT 
 
 
 def results_table(results: dict) -> str:
-    lines = ["", f"held-out accuracy (seed {results.get('seed')}, greedy; open-ended: rule verifier on the final "
-                 "response; MCQ: benchmark scorer)",
-             f"{'model':22s} {'open-ended':>12s} {'MCQ':>8s} {'avg tokens':>11s} {'stage time':>11s}"]
+    """The final table: accuracy and the reasoning diagnostics of each stage (stages/diagnostics.py),
+    then accuracy by question type."""
+    lines = ["", f"held-out (seed {results.get('seed')}, held-out draw {results.get('heldout_seed')}, greedy; "
+                 "open-ended: rule verifier on the final response; MCQ: benchmark scorer)",
+             f"{'model':22s} {'open-ended':>12s} {'unfinished':>10s} {'reflect':>8s} {'first ans':>9s} "
+             f"{'gain':>6s} {'verdicts ok':>11s} {'MCQ':>6s} {'tokens':>7s} {'time':>6s}"]
     for s in STAGES:
         r = results[s]
-        lines.append(f"{LABELS[s]:22s} {r['accuracy']:>7.1%} of {r['n']:<3d} {r['mcq_accuracy']:>8.1%} "
-                     f"{r['avg_response_tokens']:>11.0f} {r['wall_s']:>10.0f}s")
+        va = "-" if r.get("verdict_accuracy") is None else f"{r['verdict_accuracy']:.0%}"
+        lines.append(f"{LABELS[s]:22s} {r['accuracy']:>7.1%} of {r['n']:<3d} {r['unfinished']:>10.1%} "
+                     f"{r['reflection']:>8.1%} {r['first_accuracy']:>9.1%} {r['reflection_gain']:>+6.1%} "
+                     f"{va:>11s} {r['mcq_accuracy']:>6.1%} {r['avg_response_tokens']:>7.0f} {r['wall_s']:>5.0f}s")
+    types = sorted({t for s in STAGES for t in results[s].get("by_type", {})})
+    if types:
+        lines.append("by question type (accuracy, n): " + "; ".join(
+            f"{t} " + " / ".join(f"{results[s]['by_type'][t]['accuracy']:.0%}" if t in results[s]["by_type"] else "-"
+                                 for s in STAGES) + f" (n {results[STAGES[0]]['by_type'].get(t, {}).get('n', 0)})"
+            for t in types) + "  [base / SFT / PPO]")
     t = results["timings_s"]
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items())
                  + f"; total {results['total_wall_s']:.0f}s")

@@ -13,10 +13,12 @@ Two implementations:
 - `LocalBackend` (here): our own model and sampler, requests batched across the list;
 - `OpenAIBackend` (`http_client.py`): any OpenAI-compatible /v1/chat/completions
   endpoint (OpenAI, vLLM, sglang, `minihuatuo serve`), stdlib only, with retries and a disk cache.
-See notes/backends.md.
+`fit_request` shrinks a request's max_tokens to what a local model's context leaves. See
+notes/backends.md.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -79,6 +81,20 @@ def check_request(r: ChatRequest, where: str = "request") -> None:
         stop_strings(r.stop)
     except ValueError as e:
         raise ValueError(f"{where}.{e}") from None
+
+
+def fit_request(backend, r: ChatRequest, min_room: int = 1) -> ChatRequest | None:
+    """A local model's context is finite: shrink max_tokens to a power of two that fits (few
+    distinct values keep the local backend's batches large, so the few long prompts form a few
+    batches, not one each), or None when the prompt leaves fewer than `min_room` tokens. A backend
+    without a tokenizer and a context length (an HTTP endpoint) gets the request as is."""
+    tok, ctx_len = getattr(backend, "tokenizer", None), getattr(backend, "context_length", None)
+    if tok is None or ctx_len is None:
+        return r
+    room = ctx_len - len(tok.apply_chat_template(list(r.messages)))
+    if room < min_room:
+        return None
+    return r if room >= r.max_tokens else dataclasses.replace(r, max_tokens=1 << (room.bit_length() - 1))
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:

@@ -1,9 +1,28 @@
-"""Stage configuration: one dataclass per stage, filled in three layers, each overriding the last:
+"""Stage configuration: one dataclass per stage, filled in layers, each overriding the last:
 
     dataclass defaults (the paper's values)  <  a named preset  <  a JSON/TOML file  <  CLI flags
 
 Every field of a stage's config dataclass becomes a `--field-name` flag automatically, so the
 dataclass is the single place that shows the real hyperparameters (and their documentation).
+
+A config may nest other configs: a field whose type is a dataclass (the demo's DemoConfig holds its
+stages' SFTConfig, PPOConfig, ...). A nested field is named by its dotted path, everywhere:
+
+    flag         --ppo.lr 1e-4, --ppo.batch-size 8     (--PATH, "_" spelled "-"; "." stays)
+    JSON file    {"ppo": {"lr": 1e-4, "batch_size": 8}}
+    TOML file    [ppo]  lr = 1e-4  (or ppo.lr = 1e-4)
+    overrides    {"ppo": {"lr": 1e-4}} or {"ppo.lr": 1e-4}
+
+A nested config that is only partly given keeps the rest of the *outer* field's default (the demo's
+PPO settings, not PPOConfig's own defaults). Two optional class attributes of the outer config:
+
+    ALIASES: ClassVar[dict[str, tuple[str, ...]]]   an old flat name -> the path(s) it sets; it works
+        as a flag (--ppo-lr) and as a file key; where a source gives both, the path wins
+    DERIVED: ClassVar[dict[str, str]]   path -> what __post_init__ computes it from: no flag, and an
+        error where a file or override sets it
+
+A file's unknown field, derived field or value of the wrong type is an error naming the file and
+the field's path.
 """
 from __future__ import annotations
 
@@ -23,6 +42,28 @@ def _field_type(cls, f: dataclasses.Field):
     return t
 
 
+def _optional(cls, f: dataclasses.Field) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[f.name])
+
+
+def _nested(cls, f: dataclasses.Field):
+    """The dataclass type of a nested config field, else None."""
+    t = _field_type(cls, f)
+    return t if isinstance(t, type) and dataclasses.is_dataclass(t) else None
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _flag(path: str) -> str:
+    return "--" + path.replace("_", "-")
+
+
 def _parse_bool(s: str) -> bool:
     if s.lower() in ("1", "true", "yes", "on"):
         return True
@@ -31,18 +72,57 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+_PARSE = {bool: _parse_bool, int: int, float: float, str: str}  # the flag types; other fields: file only
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:
-    """Add --config FILE and one --field-name flag per field of dataclass `cls` (default: unset)."""
+    """Add --config FILE and one --field-name flag per field of dataclass `cls` (default: unset), and
+    one --path.field-name flag per field of each nested config (a group of its own)."""
     parser.add_argument("--config", default=None, help="JSON or TOML file with fields of the config")
-    group = parser.add_argument_group(f"{cls.__name__} fields (override the preset and --config)")
-    for f in dataclasses.fields(cls):
-        t = _field_type(cls, f)
-        kind = {bool: _parse_bool, int: int, float: float, str: str}.get(t)
-        if kind is None:
-            continue  # structured fields are set from the config file only
-        default = f.default if f.default is not dataclasses.MISSING else "(computed)"
-        group.add_argument("--" + f.name.replace("_", "-"), dest="cfg_" + f.name, type=kind, default=None,
-                           metavar=t.__name__.upper(), help=f"default {default}")
+    aliases, derived = getattr(cls, "ALIASES", {}), getattr(cls, "DERIVED", {})
+    old_name = {paths[0]: old for old, paths in aliases.items() if len(paths) == 1}
+
+    def add_fields(group, owner, prefix: str, defaults) -> None:
+        for old, paths in aliases.items():  # an old name that sets several fields: a flag of its own
+            if len(paths) > 1 and paths[0].rpartition(".")[0] == prefix[:-1]:
+                t = _resolve(cls, paths[0])
+                group.add_argument(_flag(old), dest="cfg_" + old, type=_PARSE[t], default=None,
+                                   metavar=t.__name__.upper(), help=f"sets {', '.join(paths)}")
+        nested = []
+        for f in dataclasses.fields(owner):
+            path = prefix + f.name
+            if path in derived:
+                continue  # computed from other fields: no flag
+            if _nested(owner, f) is not None:
+                nested.append((f, path))
+                continue
+            t = _field_type(owner, f)
+            if t not in _PARSE:
+                continue  # structured fields are set from the config file only
+            if defaults is None:  # the outer config: its own default
+                default = f.default if f.default is not dataclasses.MISSING else "(computed)"
+            else:  # a nested config: the outer field's default value
+                default = getattr(defaults, f.name)
+            names = [_flag(path)] + ([_flag(old_name[path])] if path in old_name else [])
+            group.add_argument(*names, dest="cfg_" + path, type=_PARSE[t], default=None, metavar=t.__name__.upper(),
+                               help=f"default {default}")
+        for f, path in nested:
+            sub = _nested(owner, f)
+            value = _default(f) if defaults is None else getattr(defaults, f.name)
+            made = sorted(p for p in derived if p.startswith(path + "."))
+            note = f"; derived, no flag: {', '.join(made)}" if made else ""
+            add_fields(parser.add_argument_group(f"{sub.__name__} fields of {path} ({_flag(path)}.FIELD{note})"),
+                       sub, path + ".", None if value is dataclasses.MISSING else value)
+
+    add_fields(parser.add_argument_group(f"{cls.__name__} fields (override the preset and --config)"), cls, "", None)
+
+
+def _resolve(cls, path: str):
+    """The type of the field at `path` ("ppo.lr") of cls."""
+    *outer, name = path.split(".")
+    for part in outer:
+        cls = _nested(cls, {f.name: f for f in dataclasses.fields(cls)}[part])
+    return _field_type(cls, {f.name: f for f in dataclasses.fields(cls)}[name])
 
 
 def read_config_file(path) -> dict:
@@ -63,13 +143,81 @@ def build_config(cls, presets: dict, preset: str | None = None, file: str | None
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(presets)}")
         values.update(dataclasses.asdict(presets[preset]))
     if file is not None:
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = read_config_file(file)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{file}: unknown field(s) {', '.join(unknown)} for {cls.__name__}")
-        values.update(data)
+        _merge(values, _checked(cls, _tree(cls, read_config_file(file)), str(file)))
     if isinstance(overrides, argparse.Namespace):
         overrides = {k[4:]: v for k, v in vars(overrides).items() if k.startswith("cfg_") and v is not None}
-    values.update(overrides or {})
-    return cls(**values)
+    if overrides:
+        _merge(values, _checked(cls, _tree(cls, overrides), "overrides"))
+    return _construct(cls, values)
+
+
+def _tree(cls, data: dict) -> dict:
+    """Flat, dotted, aliased or nested keys -> one nested dict. Aliases first: a path given too wins."""
+    aliases = getattr(cls, "ALIASES", {})
+    tree: dict = {}
+    for key in sorted(data, key=lambda k: k not in aliases):  # stable: aliases, then the rest in order
+        for path in aliases.get(key, (key,)):
+            *outer, name = path.split(".")
+            node = tree
+            for part in outer:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    break  # a non-table given for a nested config: _checked says so
+            else:
+                _merge(node, {name: data[key]})
+    return tree
+
+
+def _merge(into: dict, data: dict) -> None:
+    """into |= data, recursively for nested dicts."""
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def _checked(cls, tree: dict, where: str, derived=None, prefix: str = "") -> dict:
+    """`tree` with ints in float fields as floats; raises on unknown or derived fields and wrong types."""
+    derived = getattr(cls, "DERIVED", {}) if derived is None else derived  # the outer config's
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [prefix + k for k in tree if k not in fields]
+    if unknown:
+        root = cls.__name__ if not prefix else f"{cls.__name__} ({prefix[:-1]})"
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)} for {root}")
+    out = {}
+    for name, v in tree.items():
+        f, path = fields[name], prefix + name
+        if path in derived:
+            raise ValueError(f"{where}: {path} is derived from {derived[path]}; set that instead")
+        sub, t = _nested(cls, f), _field_type(cls, f)
+        if sub is not None:
+            if not isinstance(v, dict):
+                raise ValueError(f"{where}: {path}: expected a table of {sub.__name__} fields, got {v!r}")
+            out[name] = _checked(sub, v, where, derived, path + ".")
+            continue
+        ok = (v is None and _optional(cls, f)) or t not in _PARSE or \
+            (isinstance(v, t) and not (t is int and isinstance(v, bool))) or \
+            (t is float and isinstance(v, int) and not isinstance(v, bool))
+        if not ok:
+            raise ValueError(f"{where}: {path}: expected {t.__name__}, got {type(v).__name__} {v!r}")
+        out[name] = float(v) if t is float and v is not None else v
+    return out
+
+
+def _construct(cls, values: dict, defaults=None):
+    """cls(**values), each nested config built from its dict on top of its default value: the field's
+    default in `cls`, or in `defaults` (an instance of cls: a nested config's default) when given."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v, sub = values[f.name], _nested(cls, f)
+        if sub is not None and isinstance(v, dict):
+            base = _default(f) if defaults is None else getattr(defaults, f.name)
+            base = base if dataclasses.is_dataclass(base) else None
+            full = dataclasses.asdict(base) if base is not None else {}
+            _merge(full, v)
+            v = _construct(sub, full, base)
+        kwargs[f.name] = v
+    return cls(**kwargs)

@@ -64,6 +64,12 @@ class MCQItem:
             c = "\n".join(str(s) for s in c)
         return c if isinstance(c, str) else ""
 
+    def prompt_fields(self) -> dict[str, str]:
+        """The item as a prompt shows it, for `replies.render`: {context} ("Context: <abstract>" and a
+        blank line, or ""), {question} as written, {options} (one "A. text" line per option)."""
+        return {"context": f"Context: {self.context}\n\n" if self.context else "", "question": self.question,
+                "options": "\n".join(f"{k}. {v}" for k, v in self.options.items())}
+
     def to_record(self) -> dict:
         """Canonical layout (MedQA style): read back as the same item."""
         rec = {"id": self.id, "source": self.source, "question": self.question, "options": dict(self.options),

@@ -138,10 +138,12 @@ def _is_jsonl(path: Path, text: str) -> bool:
 def read_records(path) -> list[Record]:
     """The objects of a JSON list, a JSONL file or a JSON object of items, with their line numbers."""
     path = Path(path)
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")  # tolerates a byte-order mark
+        text = raw.decode("utf-8-sig")  # tolerates a byte-order mark
     except UnicodeDecodeError as e:
-        raise FormatError(path, None, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = raw.count(b"\n", 0, e.start) + 1  # e.start counts from the file's first byte
+        raise FormatError(path, line, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not _is_jsonl(path, text):
         return _Scanner(path, text).document()
     out = []

@@ -6,7 +6,8 @@ Reward (§3.2, "Rewards of RL"): for a policy output (ê, ŷ) and the ground tru
                    0.1  if Verifier(ŷ, y*) = False
                    0    if ŷ = null  (the output lacks the think-then-answer format)
 
-The format is the SFT target of stage 1: "## Thinking\\n\\n{ê}\\n\\n## Final Response\\n\\n{ŷ}".
+The format is the SFT target of stage 1: "## Thinking\\n\\n{ê}\\n\\n## Final Response\\n\\n{ŷ}";
+ŷ is read out of it by `response_format.extract_final_response` (rule "strict").
 The KL term of the total reward belongs to PPO (ppo.py), not here.
 
 Verifier evaluation: accuracy, balanced accuracy, precision and recall of each verifier on
@@ -19,6 +20,8 @@ Commands (stdout carries only results):
   minihuatuo verify --verifier ... --pairs FILE.jsonl       ({"response", "reference"} per line)
       prints one True / False per line, in order
   minihuatuo verifier-eval --data LABELED.jsonl | --from-sft FILE [--verifiers exact,rule] [--json OUT]
+      with a "category" per line (a hack set: `minihuatuo world pairs --adversarial`), also the True
+      rate of each verifier per category: the wrong-True rate of each hack, the credit of honest answers
 """
 from __future__ import annotations
 
@@ -30,8 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minihuatuo.services.records import FormatError, read_records
-
-THINKING, FINAL = "## Thinking", "## Final Response"
+from minihuatuo.services.response_format import extract_final_response
 
 
 # ----------------------------------------------------------------------------- reward rule
@@ -48,21 +50,6 @@ class RewardConfig:
     require_thinking: bool = True
 
 
-def extract_final_response(text: str) -> str | None:
-    """ŷ: the text after "## Final Response", or None (the paper's ŷ = null) unless "## Thinking"
-    and "## Final Response" each occur exactly once, in that order, with a non-empty answer.
-
-    A reply with two "## Final Response" headers could hide a second answer after the first; a
-    reply without "## Thinking" skipped the reasoning that stage 2 trains. Both get no reward.
-    """
-    if text.count(THINKING) != 1 or text.count(FINAL) != 1:
-        return None
-    if text.index(THINKING) > text.index(FINAL):
-        return None
-    answer = text.split(FINAL, 1)[1].strip()
-    return answer or None
-
-
 def reward(output: str, y_star: str, verifier, cfg: RewardConfig = RewardConfig()) -> float:
     return rewards([output], [y_star], verifier, cfg)[0]
 
@@ -71,8 +58,8 @@ def rewards(outputs: list[str], y_stars: list[str], verifier, cfg: RewardConfig 
     """r' for a batch; the verifier sees only the well-formed final responses, in one batch."""
     if len(outputs) != len(y_stars):
         raise ValueError(f"{len(outputs)} outputs but {len(y_stars)} references")
-    finals = [extract_final_response(o) if cfg.require_thinking else (o.split(FINAL)[-1].strip() or None)
-              for o in outputs]
+    finals = [extract_final_response(o, "strict") if cfg.require_thinking
+              else (extract_final_response(o, "exact").strip() or None) for o in outputs]
     todo = [i for i, f in enumerate(finals) if f is not None]
     verdicts = dict(zip(todo, verifier.verify_batch([(finals[i], y_stars[i]) for i in todo])))
     return [cfg.no_format if f is None else cfg.correct if verdicts[i] else cfg.incorrect
@@ -86,6 +73,7 @@ class LabeledPair:
     response: str
     reference: str
     label: bool  # True: the response commits to the reference answer
+    category: str | None = None  # optional: what kind of pair (a hack set's categories: `world pairs --adversarial`)
 
 
 def _field(path, rec, name: str, kind: type):
@@ -103,15 +91,18 @@ def read_pairs(path) -> list[tuple[str, str]]:
 
 
 def read_labeled(path) -> list[LabeledPair]:
-    """{"response", "reference", "label": true|false} per line."""
+    """{"response", "reference", "label": true|false} per line, optionally with a "category" (a string)."""
     return [LabeledPair(_field(path, r, "response", str), _field(path, r, "reference", str),
-                        _field(path, r, "label", bool)) for r in read_records(path)]
+                        _field(path, r, "label", bool),
+                        _field(path, r, "category", str) if "category" in r.data else None)
+            for r in read_records(path)]
 
 
 def write_labeled(path, pairs: list[LabeledPair]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for p in pairs:
-            f.write(json.dumps(asdict(p), ensure_ascii=False) + "\n")
+            row = {k: v for k, v in asdict(p).items() if k != "category" or v is not None}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def pairs_from_sft(path, seed: int = 0) -> list[LabeledPair]:
@@ -154,9 +145,52 @@ def binary_metrics(predictions: list[bool], labels: list[bool]) -> dict:
 
 
 def evaluate(verifiers: dict, pairs: list[LabeledPair]) -> dict[str, dict]:
+    """binary_metrics of each verifier on the pairs; when the pairs carry categories, each verifier's
+    metrics also hold "categories" (by_category: the True rate per category, the hack set's measure)."""
     labels = [p.label for p in pairs]
-    return {name: binary_metrics(v.verify_batch([(p.response, p.reference) for p in pairs]), labels)
-            for name, v in verifiers.items()}
+    out = {}
+    for name, v in verifiers.items():
+        verdicts = v.verify_batch([(p.response, p.reference) for p in pairs])
+        out[name] = binary_metrics(verdicts, labels)
+        if any(p.category is not None for p in pairs):
+            out[name]["categories"] = by_category(verdicts, pairs)
+    return out
+
+
+def by_category(verdicts: list[bool], pairs: list[LabeledPair]) -> dict[str, dict]:
+    """Per category (in order of first appearance; None for pairs without one): n, its label (true,
+    false, or "mixed"), how many verdicts were True and the True rate. On a label-false category (a hack)
+    the True rate is the wrong-True rate; on a label-true one (an honest phrasing) it is the credit rate.
+    Two summary rows: "all label-true" and "all label-false"."""
+    groups: dict = {}
+    for v, p in zip(verdicts, pairs):
+        for key in (p.category, "all label-true" if p.label else "all label-false"):
+            groups.setdefault(key, []).append((v, p.label))
+    out = {}
+    for key, rows in groups.items():
+        labels = {y for _, y in rows}
+        n, true = len(rows), sum(v for v, _ in rows)
+        out[key] = {"n": n, "label": labels.pop() if len(labels) == 1 else "mixed", "true": true, "true_rate": true / n}
+    return {k: out[k] for k in [k for k in out if not k.startswith("all label")] +
+            [k for k in ("all label-true", "all label-false") if k in out]}
+
+
+def format_categories(results: dict[str, dict]) -> str:
+    """The True rate of every verifier per category (evaluate's "categories"), one row per category:
+    on label-false rows (hacks, near misses) the wrong-True rate, on label-true rows the credit rate."""
+    names = [n for n, m in results.items() if "categories" in m]
+    if not names:
+        return ""
+    cats = results[names[0]]["categories"]
+    head = f"{'category':<24}{'label':>7}{'n':>6}" + "".join(f"{n + ' True':>16}" for n in names)
+    rows = [head, "-" * len(head)]
+    for key, c in cats.items():
+        if key == "all label-true":
+            rows.append("-" * len(head))
+        label = {True: "true", False: "false"}.get(c["label"], c["label"])
+        rows.append(f"{str(key):<24}{label:>7}{c['n']:>6}" +
+                    "".join(f"{100 * results[n]['categories'][key]['true_rate']:>15.1f}%" for n in names))
+    return "\n".join(rows)
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -176,14 +210,26 @@ def format_table(results: dict[str, dict]) -> str:
 VERIFIERS = ("exact", "rule", "llm", "classifier")
 
 
-def _add_verifier_args(p):
+def add_verifier_args(p, *, prefixed: bool = False, judge: bool = True) -> None:
+    """The verifier's options: one vocabulary for every command that builds a verifier (verify,
+    verifier-eval, search, ppo, rloo, grpo, dpo), read by `build_verifier`. The classifier's model,
+    threshold and device each have two spellings, --X and --verifier-X (the verifier commands used the
+    first, the RL commands the second; both work everywhere); prefixed=True lists --verifier-X first
+    in the help. judge=False leaves out the LLM judge's options (a command whose --verifier has no llm)."""
+    def option(name, **kw):  # --name and --verifier-name: one option, stored as `name`
+        spellings = [f"--verifier-{name}", f"--{name}"] if prefixed else [f"--{name}", f"--verifier-{name}"]
+        p.add_argument(*spellings, dest=name, metavar=spellings[0][2:].upper().replace("-", "_"), **kw)
+
     p.add_argument("--aliases", action="append", default=[], metavar="FILE",
                    help="rule: an extra alias file (TSV, one group per line), added to data/aliases.tsv; repeatable")
-    p.add_argument("--model", help="classifier: a sequence-classification checkpoint directory")
-    p.add_argument("--threshold", type=float, default=0.4, help="classifier: P(True) threshold (official 0.4)")
+    option("model", help="classifier: a sequence-classification checkpoint directory")
+    option("threshold", type=float, default=0.4, help="classifier: P(True) threshold (official 0.4)")
     p.add_argument("--classifier-template", metavar="FILE",
-                   help="classifier: input template with {response}, {reference} and {eos}")
-    p.add_argument("--device", default="cpu", help="classifier / local judge: cpu, cuda, ...")
+                   help="classifier: input template with {response}, {reference} and {eos}; the released "
+                        "verifier needs its own (notes/verifier.md), the built-in one is our wording")
+    option("device", default="cpu", help=f"classifier{' / local judge' if judge else ''}: cpu, cuda, ...")
+    if not judge:
+        return
     p.add_argument("--judge-url", help="llm: OpenAI-compatible base URL ending in /v1")
     p.add_argument("--judge-model", help="llm: the model name at --judge-url")
     p.add_argument("--judge-checkpoint", help="llm: a local causal-LM checkpoint directory instead of a URL")
@@ -194,7 +240,7 @@ def _add_verifier_args(p):
 
 
 def build_verifier(name: str, args):
-    """A verifier from parsed options (`_add_verifier_args`); an options object may leave out the
+    """A verifier from parsed options (`add_verifier_args`); an options object may leave out the
     ones its verifier does not use (other stages call this with their own namespace)."""
     from minihuatuo.services import verifier as V
     from minihuatuo.services.verifier_text import DEFAULT_ALIASES, load_aliases
@@ -208,7 +254,7 @@ def build_verifier(name: str, args):
         return V.RuleVerifier(load_aliases([DEFAULT_ALIASES, *(opt("aliases") or [])]))
     if name == "classifier":
         if not opt("model"):
-            raise ValueError("--verifier classifier needs --model CHECKPOINT_DIR")
+            raise ValueError("--verifier classifier needs --model (--verifier-model) CHECKPOINT_DIR")
         kw = {"template": V.load_prompt(opt("classifier_template"), V.PLACEHOLDERS + ("{eos}",))} \
             if opt("classifier_template") else {}
         if not kw:
@@ -257,9 +303,12 @@ def cmd_verifier_eval(args) -> int:
     positives = sum(p.label for p in pairs)
     print(f"{len(pairs)} labeled pairs: {positives} positive, {len(pairs) - positives} negative")
     print(format_table(results))
+    if any("categories" in m for m in results.values()):
+        print("\nTrue rate per category (label false: wrong-True, e.g. a hack credited; label true: credit):")
+        print(format_categories(results))
     if args.json:
         clean = {n: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
-                 for n, m in results.items()}  # NaN is not JSON
+                 for n, m in results.items()}  # NaN is not JSON (a category's rates are never NaN)
         Path(args.json).write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
     return 0
 
@@ -270,7 +319,7 @@ def add_cli(sub) -> None:
     p.add_argument("--response", help="the response text")
     p.add_argument("--reference", help="the reference (ground-truth) answer")
     p.add_argument("--pairs", metavar="FILE", help='JSONL of {"response", "reference"}; one verdict per line')
-    _add_verifier_args(p)
+    add_verifier_args(p)
     _add_judge_parse(p)
     p.set_defaults(func=cmd_verify)
 
@@ -284,13 +333,13 @@ def add_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="--from-sft: which other item's answer is the negative")
     p.add_argument("--verifiers", default="exact,rule", help=f"comma-separated, from {', '.join(VERIFIERS)}")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
-    _add_verifier_args(p)
+    add_verifier_args(p)
     _add_judge_parse(p)
     p.set_defaults(func=cmd_verifier_eval)
 
 
 def _add_judge_parse(p):
-    # not in _add_verifier_args: `search` has the same option as a SearchConfig field
+    # not in add_verifier_args: `search` has the same option as a SearchConfig field
     from minihuatuo.services.verifier import JUDGE_PARSES
 
     p.add_argument("--judge-parse", choices=JUDGE_PARSES, default="strict",

@@ -99,8 +99,9 @@ def parse_chat_body(body, default_max_tokens: int) -> tuple[ChatRequest, int | N
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise bad("stop", "expected a non-empty string or a list of non-empty strings")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise bad("seed", f"expected an integer, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        # torch.Generator.manual_seed takes 64-bit values only; a larger one would be a 500 later
+        raise bad("seed", f"expected an integer in [0, 2**63 - 1], got {seed!r}")
     if body.get("stream"):
         raise bad("stream", "streaming is not supported by minihuatuo serve")
     if body.get("top_p") not in (None, 1):
@@ -208,6 +209,13 @@ class ChatServer(ThreadingHTTPServer):
         self.stats, self.lock = ServerStats(), threading.Lock()
         self.created = int(time.time())
         self.batcher = _Batcher(backend, max_batch or backend.batch_size, self.stats, self.lock)
+
+    def handle_error(self, request, client_address):
+        """A connection a client dropped is one log line; anything else keeps socketserver's report."""
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            log.info("%s:%s disconnected", *client_address[:2])
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
@@ -331,13 +339,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: dict, headers: dict | None = None):
         data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client left before its answer: one line, no traceback
+            log.info("%s disconnected before the reply (status %d) was sent", self.address_string(), status)
+            self.close_connection = True
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from minihuatuo.services import replies
 from minihuatuo.services.backends import Backend, ChatRequest
 from minihuatuo.services.verifier_rules import rule_match
 from minihuatuo.services.verifier_text import AliasTable, load_aliases
@@ -104,20 +105,10 @@ PLACEHOLDERS = ("{response}", "{reference}")
 
 
 def load_prompt(path, placeholders=PLACEHOLDERS) -> str:
-    """A user's prompt file; it must contain each placeholder (a prompt without them would grade
-    nothing)."""
-    text = Path(path).read_text(encoding="utf-8")
-    missing = [p for p in placeholders if p not in text]
-    if missing:
-        raise ValueError(f"{path}: the prompt must contain {' and '.join(placeholders)}; "
-                         f"missing {', '.join(missing)}")
-    return text
-
-
-def render(template: str, **values: str) -> str:
-    """Fill {name} placeholders in one pass. Sequential str.replace would be wrong: a response that
-    itself contains the text "{reference}" would get the reference pasted into it."""
-    return re.sub(r"\{(" + "|".join(values) + r")\}", lambda m: values[m.group(1)], template)
+    """A user's judge prompt or classifier template (`replies.load_prompt` with the verifier's
+    placeholders by default; reward.build_verifier reads --judge-prompt and --classifier-template
+    with it)."""
+    return replies.load_prompt(path, placeholders)
 
 
 JUDGE_PARSES = ("strict", "official")  # how a judge's reply becomes a verdict; see parse_verdict
@@ -161,7 +152,7 @@ class LLMJudgeVerifier:
             raise ValueError(f"judge_parse: expected one of {', '.join(JUDGE_PARSES)}, got {self.parse!r}")
 
     def request(self, response: str, reference: str) -> ChatRequest:
-        content = render(self.prompt, response=response, reference=reference)
+        content = replies.render(self.prompt, response=response, reference=reference)
         return ChatRequest(messages=[{"role": "user", "content": content}], n=1,
                            temperature=self.temperature, max_tokens=self.max_tokens)
 
@@ -235,7 +226,7 @@ class ClassifierVerifier:
         return cls(model, tokenizer, eos_text=eos_text, **kwargs)
 
     def text(self, response: str, reference: str) -> str:
-        return render(self.template, response=response, reference=reference, eos=self.eos_text)
+        return replies.render(self.template, response=response, reference=reference, eos=self.eos_text)
 
     def encode(self, response: str, reference: str) -> list[int]:
         # No special tokens (official: add_special_tokens=False); the eos arrives as text and the

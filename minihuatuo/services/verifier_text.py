@@ -22,6 +22,7 @@ import os
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from minihuatuo.engine.paths import bundled
@@ -30,7 +31,7 @@ DEFAULT_ALIASES = bundled("data/aliases.tsv")
 # Function words: never content, never glued into a compound.
 STOPWORDS = {"of", "in", "on", "at", "to", "for", "with", "by", "from", "and", "or", "is", "are", "be", "was",
              "were", "that", "which", "this", "these", "those", "as", "it", "its", "into", "during", "per",
-             "their", "his", "her", "both", "each", "any", ",", ";", ":"}
+             "their", "his", "her", "both", "each", "any", ",", ";", ":", "/"}
 
 # ----------------------------------------------------------------------------- normalisation
 
@@ -57,7 +58,13 @@ _UNITS = {"minute": "min", "hour": "h", "hr": "h", "wk": "week", "yr": "year", "
           "deg": "degree", "millimeter": "mm", "centimeter": "cm", "nanometer": "nm"}
 ARTICLES = {"a", "an", "the"}
 _NUM = r"\d+(?:\.\d+)?"
-_TOKEN = re.compile(rf"{_NUM}~{_NUM}|{_NUM}(?::{_NUM})+|{_NUM}(?:/{_NUM})?|[^\W\d_]+|[,;:]")
+_TOKEN = re.compile(rf"{_NUM}~{_NUM}|{_NUM}(?::{_NUM})+|{_NUM}(?:/{_NUM})?|[^\W\d_]+|[,;:/]")
+# A slash between two words is a list separator ("amoxicillin/doxycycline": two candidates) and stays
+# a "/" token; between a unit and another word ("mg/dL", "ml/kg") it is dropped, as before.
+_UNIT_WORDS = {"mg", "g", "dl", "ml", "l", "min", "h", "kg", "mmol", "mcg", "mol", "mm", "cm", "nm", "m", "day",
+               "week", "month", "year", "meq", "iu", "u", "ng", "pg", "nmol", "pmol", "umol", "mmhg", "hg", "s",
+               "sec", "dose", "hpf", "lpf", "m2", "unit", "mu", "d"}
+_SLASH = re.compile(r"([^\W\d_]+)\s*/\s*(?=([^\W\d_]+))")
 
 
 def _number(s: str) -> str:
@@ -66,6 +73,7 @@ def _number(s: str) -> str:
     return str(int(x)) if x == int(x) and abs(x) < 1e15 else repr(x)
 
 
+@lru_cache(maxsize=1 << 16)
 def _fold_word(w: str) -> str:
     """British/American spelling and plural folding, the same on both sides. Each fold only
     removes spelling noise; none may merge two different medical words."""
@@ -85,7 +93,13 @@ def _fold_word(w: str) -> str:
 
 
 def tokens(text: str) -> list[str]:
-    """Normalised tokens; ',', ';' and ':' are kept as separator tokens for the hedge rules."""
+    """Normalised tokens; ',', ';', ':' and a '/' between words are kept as separator tokens for the
+    hedge and list rules. Cached: the verifier tokenises the same sentences and names many times."""
+    return list(_tokens(text))
+
+
+@lru_cache(maxsize=4096)  # bounded: a reply's sentences are re-read within one verdict, names across verdicts
+def _tokens(text: str) -> tuple[str, ...]:
     t = unicodedata.normalize("NFKC", text)
     # A capital letter after a word ("Box A", "hepatitis A", "vitamin E") is a label, not the article.
     t = re.sub(r"(?<=[^\W\d_] )([A-E])\b(?![-'’])", r"label\1", t)
@@ -100,6 +114,7 @@ def tokens(text: str) -> list[str]:
     t = re.sub(r"(?<=[^\W\d_])(?=\d)|(?<=\d)(?=[^\W\d_])", " ", t)  # CD21 -> cd 21, 10mg -> 10 mg
     t = re.sub(rf"(?<![\d.:/])({_NUM})\s*(?:-|to)\s*({_NUM})(?![\d:/])", r"\1~\2", t)  # ranges: 5 to 7, 0.5-1.0
     t = t.replace("per cent", "percent").replace("mm hg", "mmhg")
+    t = _SLASH.sub(_slash, t)
     out: list[str] = []
     for w in _TOKEN.findall(t):
         if w[0].isdigit():
@@ -113,7 +128,13 @@ def tokens(text: str) -> list[str]:
             out[-1], w = _number(str(float(out[-1]) * 7)), "day"  # 1 week = 7 days
         if w not in ARTICLES:
             out.append(w)
-    return out
+    return tuple(out)
+
+
+def _slash(m: re.Match) -> str:
+    """"a/b" -> "a / b" (a list), but "mg/dl" -> "mg dl" (a unit)."""
+    unit = any((_UNITS.get(_fold_word(w)) or _fold_word(w)) in _UNIT_WORDS for w in m.groups())
+    return m.group(1) + (" " if unit else " / ")
 
 
 def is_number(w: str) -> bool:

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minihuatuo.services.reward import extract_final_response
+from minihuatuo.services.response_format import extract_final_response
 
 Grade = Callable[[str, str], bool]
 
@@ -148,3 +148,30 @@ def summarize(replies: list[str], references: list[str], grade: Grade, cfg: Diag
             groups.setdefault(t, []).append(ok)
         out["by_type"] = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(groups.items())}
     return out
+
+
+def reply_stats(outputs: list[str], cfg: DiagnosticsConfig = DiagnosticsConfig(),
+                finish_reasons: list[str] | None = None) -> dict:
+    """Reply-level diagnostics that need no reference, for any model's outputs (`minihuatuo eval`):
+    the share of replies in the think-then-answer format (`format_ok`: `## Thinking` then one
+    `## Final Response` with text after it), of replies that started thinking but never reached a
+    final response (`unfinished`; with `finish_reasons`, also any cut at the length limit), of
+    replies with at least one reflection marker in their thinking part (`reflection_markers`: any
+    sentence matching `reflection_pattern`, wherever it stands — looser than the demo's
+    `reflection`, which needs a conclusion first), and the mean length in words."""
+    n = len(outputs)
+    if n == 0:
+        return {"n": 0}
+    pat = re.compile(cfg.reflection_pattern, re.I)
+    ok = unfinished = marked = words = 0
+    for i, out in enumerate(outputs):
+        final = extract_final_response(out)
+        ok += final is not None
+        started = re.search(r"^#+\s*thinking\b", out, re.I | re.M) is not None
+        cut = finish_reasons is not None and finish_reasons[i] == "length"
+        unfinished += (started and final is None) or cut
+        thinking = re.split(r"^#+\s*final response\b", out, maxsplit=1, flags=re.I | re.M)[0]
+        marked += any(pat.search(s) for s in sentences(thinking))
+        words += len(out.split())
+    return {"n": n, "format_ok": ok / n, "unfinished": unfinished / n, "reflection_markers": marked / n,
+            "mean_words": words / n}

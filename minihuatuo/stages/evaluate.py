@@ -6,7 +6,8 @@ extracted from its text.
 
 The extraction cascade follows the official scorer (HuatuoGPT-o1 `evaluation/scorer.py`); the code
 and its refinements are ours, each listed in notes/eval.md. For an output (only the part after
-"## Final Response" when the model wrote one), the first step that finds something decides:
+"## Final Response" when the model wrote one: `extract_final_response(output, "tolerant")`,
+response_format.py), the first step that finds something decides:
   1. explicit: "the answer is C", "Answer: (C)", "answer is **c**";
   2. letter:   an option letter standing alone ("C.", "(C)", "option C") — not the article
                "A patient", the pronoun "I think", nor names ("vitamin B12", "B cells", "B-cell");
@@ -32,6 +33,9 @@ from pathlib import Path
 
 from minihuatuo.services.formats import MCQItem, read_mcq
 from minihuatuo.services.records import FormatError, JsonlAppender, read_records
+from minihuatuo.services.replies import load_prompt, render
+from minihuatuo.services.response_format import extract_final_response
+from minihuatuo.stages.diagnostics import DiagnosticsConfig, reply_stats
 from minihuatuo.stages.scorer_official import clean_output, official_choice
 
 # Our wording (the official prompts are not copied). {context} is empty or "Context: ...\n\n".
@@ -62,7 +66,6 @@ class Extraction:
     step: str  # "explicit", "letter", "text", "similar", "none"
 
 
-_FINAL = re.compile(r"##\s*Final\s+Response", re.I)
 _CJK = "\u4e00-\u9fff"
 # A letter counts when it stands alone: not inside a word, not joined to one by "-" ("B-cell") or
 # "'" ("O'Brien", "I'm"); a quote around it is fine ("'C'"). CJK characters count as separators.
@@ -80,13 +83,6 @@ _NAMED_BY = re.compile(r"\s*(?:cells?|lymphocytes?|antigens?|waves?|fib(?:er|re)
 _A_AS_LETTER = re.compile(r"\s+(?:is|was|are|and|or|nor|vs|versus|seems|looks|appears|would|could|can|cannot|may|"
                           r"might|must|should|does|doesn't|has|fits|matches|explains|describes|refers|represents|"
                           r"involves|causes|lacks|remains|best|correct|wrong|incorrect|also|too|then)\b", re.I)
-
-
-def final_response(output: str) -> str:
-    """The text after the last "## Final Response" heading (the think-then-answer format of paper
-    §3.1), or the whole output when there is none."""
-    parts = _FINAL.split(output)
-    return parts[-1] if len(parts) > 1 else output
 
 
 def explicit_answers(text: str, letters: str) -> list[str]:
@@ -142,7 +138,7 @@ def most_similar_option(text: str, options: dict[str, str]) -> str:
 
 
 def extract_choice(output: str, options: dict[str, str], similarity_fallback: bool = True) -> Extraction:
-    text = final_response(output)
+    text = extract_final_response(output, "tolerant")
     letters = "".join(k for k in options if len(k) == 1)
     for step, found in (("explicit", lambda: explicit_answers(text, letters)),
                         ("letter", lambda: isolated_letters(text, letters)),
@@ -160,19 +156,9 @@ def extract_choice(output: str, options: dict[str, str], similarity_fallback: bo
 # prompting and generation
 
 def render_prompt(item: MCQItem, template: str = FREE_PROMPT) -> str:
-    """Fill {context}, {question}, {options}; plain replacement, so a user's template may contain
-    other braces."""
-    context = f"Context: {item.context}\n\n" if item.context else ""
-    options = "\n".join(f"{k}. {v}" for k, v in item.options.items())
-    return template.replace("{context}", context).replace("{question}", item.question).replace("{options}", options)
-
-
-def load_prompt(path) -> str:
-    text = Path(path).read_text(encoding="utf-8")
-    for needed in ("{question}", "{options}"):
-        if needed not in text:
-            raise ValueError(f"{path}: the prompt template has no {needed} placeholder")
-    return text
+    """Fill {context}, {question}, {options} (`MCQItem.prompt_fields`) in one pass, so a user's
+    template may contain other braces. Never the keyed answer: this prompt is the exam."""
+    return render(template, **item.prompt_fields())
 
 
 def read_outputs(path) -> dict[str, str]:
@@ -326,7 +312,8 @@ def cmd_eval(args) -> int:
     items = read_mcq(args.data, source=args.source, cop_base=args.cop_base)
     if args.limit:
         items = items[:args.limit]
-    cfg = EvalConfig(prompt=load_prompt(args.prompt_file) if args.prompt_file else PROMPTS[args.prompt],
+    prompt = load_prompt(args.prompt_file, ("{question}", "{options}")) if args.prompt_file else PROMPTS[args.prompt]
+    cfg = EvalConfig(prompt=prompt,
                      max_tokens=args.max_tokens, temperature=args.temperature, batch_size=args.batch_size,
                      similarity_fallback=not args.no_similarity)
     if args.model:
@@ -344,7 +331,20 @@ def cmd_eval(args) -> int:
     outputs = read_outputs(args.outputs)
     report = score(items, outputs, cfg.similarity_fallback, scorer=args.scorer)
     report["data"], report["outputs"] = str(args.data), str(args.outputs)
+    # reply-level diagnostics per source (stages/diagnostics.reply_stats): why a model scores what it does
+    dcfg = DiagnosticsConfig(reflection_pattern=args.reflection_pattern) if args.reflection_pattern \
+        else DiagnosticsConfig()
+    by_source: dict[str, list[str]] = {}
+    for it in items:
+        if it.id in outputs:
+            by_source.setdefault(it.source, []).append(outputs[it.id])
+    report["replies"] = {src: reply_stats(outs, dcfg) for src, outs in by_source.items()}
     print(format_table(report))
+    for src, st in report["replies"].items():
+        if st["n"]:
+            print(f"eval: {src} replies: {st['n']}, think-then-answer format {st['format_ok']:.1%}, unfinished "
+                  f"{st['unfinished']:.1%}, with a reflection marker {st['reflection_markers']:.1%}, "
+                  f"{st['mean_words']:.0f} words on average", file=sys.stderr)
     print(f"eval: scorer {args.scorer} (the report holds both: strict and official)", file=sys.stderr)
     if report["missing_ids"]:
         print(f"eval: {len(report['missing_ids'])} item(s) have no output and count as wrong", file=sys.stderr)
@@ -370,6 +370,9 @@ def add_cli(sub) -> None:
     p.add_argument("--scorer", choices=SCORERS, default="strict",
                    help="whose figures the table shows: strict (ours, default) or official (the official "
                         "scorer exactly, quirks included); the report holds both")
+    p.add_argument("--reflection-pattern", default=None, metavar="REGEX",
+                   help="reply diagnostics: what counts as a reflection marker (case-insensitive, per sentence; "
+                        "default: diagnostics.DiagnosticsConfig.reflection_pattern, 'Wait', 'let me verify', ...)")
     p.add_argument("--no-similarity", action="store_true",
                    help="strict scorer: no difflib fallback, unmatched outputs count as wrong")
     g = p.add_argument_group("generation (with --model)")

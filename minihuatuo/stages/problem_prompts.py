@@ -1,6 +1,9 @@
 """Talking to LLMs for problem construction (paper §2.1, Appendix B): the prompts, the strict
 reading of their replies, and the asking itself (`Asker`: chunked calls, progress, an append-only
-reply log; `ask_with_retries`: follow-ups after an unreadable reply).
+reply log; `ask_with_retries`: follow-ups after an unreadable reply). The machinery shared with the
+other prompted stages (placeholder filling, prompt files, JSON extraction, `ReplyError`, the
+follow-up message) is services/replies.py; fitting a request to a local model's context is
+`backends.fit_request`.
 
 Three prompts, written for this project (the paper's Figures 5 and 6 show the structure: the MCQ in
 a delimited block with its keyed answer, the criteria, the reply format; the wording here is ours):
@@ -11,9 +14,9 @@ Plus the two follow-up messages sent when a reply cannot be read (a retry contin
 conversation: the model sees its replies and why each was refused, so a retry is a different
 request: a greedy model or a response cache would otherwise return the same unusable reply again).
 
-Templates are filled by plain replacement of {question}, {options}, {answer}, {context}, {error}, so
-a user's template may contain other braces (a JSON example). `load_prompts(FILE)` replaces any of
-them from a JSON or TOML file: {"too_easy": "...", "llm_filter": "...", "reformat": "...",
+Templates are filled in one pass (`render_mcq`: {question}, {options}, {answer}, {context}, {error}),
+so a user's template may contain other braces (a JSON example). `load_problem_prompts(FILE)` replaces
+any of them from a JSON or TOML file: {"too_easy": "...", "llm_filter": "...", "reformat": "...",
 "verdict_retry": "...", "json_retry": "..."}.
 """
 from __future__ import annotations
@@ -25,9 +28,10 @@ import re
 import sys
 from dataclasses import dataclass
 
-from minihuatuo.services.backends import ChatRequest
+from minihuatuo.services.backends import ChatRequest, fit_request
 from minihuatuo.services.formats import X_KEY, Y_KEY, MCQItem
 from minihuatuo.services.records import FormatError, JsonlAppender, read_records
+from minihuatuo.services.replies import ReplyError, extract_json, follow_up, load_prompts, render
 
 TOO_EASY_PROMPT = """Answer this multiple-choice exam question.
 
@@ -100,43 +104,23 @@ REQUIRED = {"too_easy": ("{question}", "{options}"), "llm_filter": ("{question}"
             "reformat": ("{question}", "{options}", "{answer}"), "verdict_retry": (), "json_retry": ()}
 
 
-def load_prompts(path) -> Prompts:
+def load_problem_prompts(path) -> Prompts:
     """Prompts from a JSON or TOML file holding any of the fields of `Prompts`; the rest keep ours."""
-    from minihuatuo.services.config import read_config_file
-
-    data = read_config_file(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object with fields {', '.join(REQUIRED)}")
-    unknown = sorted(set(data) - set(REQUIRED))
-    if unknown:
-        raise ValueError(f"{path}: unknown prompt(s) {', '.join(unknown)}; known: {', '.join(REQUIRED)}")
-    for name, text in data.items():
-        if not isinstance(text, str):
-            raise ValueError(f"{path}: field {name!r}: expected a string")
-        missing = [p for p in REQUIRED[name] if p not in text]
-        if missing:
-            raise ValueError(f"{path}: field {name!r}: the template has no {', '.join(missing)} placeholder")
-    return dataclasses.replace(Prompts(), **data)
+    return dataclasses.replace(Prompts(), **load_prompts(path, REQUIRED))
 
 
-def render(template: str, item: MCQItem, error: str = "") -> str:
-    """Fill a template for one MCQ. {answer} is "C. <text of C>", the keyed option."""
-    values = {"{context}": f"Context: {item.context}\n\n" if item.context else "",
-              "{question}": item.question.strip(),
-              "{options}": "\n".join(f"{k}. {v}" for k, v in item.options.items()),
-              "{answer}": f"{item.answer_idx}. {item.answer}", "{error}": error}
-    return re.sub("|".join(re.escape(k) for k in values), lambda m: values[m.group(0)], template)
+def render_mcq(template: str, item: MCQItem, error: str = "") -> str:
+    """Fill a template for one MCQ: `MCQItem.prompt_fields` (the question stripped here), {answer}
+    = "C. <text of C>", the keyed option, and {error}, why the last reply was refused."""
+    return render(template, **{**item.prompt_fields(), "question": item.question.strip(),
+                               "answer": f"{item.answer_idx}. {item.answer}", "error": error})
 
 
 # ---------------------------------------------------------------------------------------------------
 # reading the replies
 
 
-class ReplyError(ValueError):
-    """A reply that cannot be used; the message says why (it is shown to the model on a retry)."""
-
-
-VERDICTS = ("pass", "too_simple", "ambiguous", "not_reformulatable")
+FILTER_VERDICTS = ("pass", "too_simple", "ambiguous", "not_reformulatable")
 _LABELS = [("pass", r"pass(?:ed|es)?"), ("too_simple", r"too\s+simple"),
            ("ambiguous", r"ambiguous(?:\s+answer)?"), ("not_reformulatable", r"not\s+(?:easily\s+)?reformul\w*")]
 _LABEL = "|".join(f"(?P<{name}>{rx})" for name, rx in _LABELS)
@@ -145,11 +129,13 @@ _ANY_LABEL = re.compile(r"\b(?:" + _LABEL + r")\b", re.I)
 _NEGATED = re.compile(r"\b(?:not|n't|never|fails?|failed|cannot)\W+(?:\w+\W+)?$", re.I)  # "does not pass"
 
 
-def parse_verdict(text: str) -> str:
-    """One of VERDICTS, read strictly: the last "Verdict: <label>" line if there is one, else the one
-    label the reply names. A reply naming none or several labels, or only a negated "pass" ("it does
-    not pass"), raises ReplyError: a lenient reading (the official script keeps an item when the
-    substring "pass" occurs anywhere) would let "does not pass" or "bypass" through."""
+def parse_filter_verdict(text: str) -> str:
+    """The LLM filter's verdict (paper §2.1 step 2, Figure 5), one of FILTER_VERDICTS, read
+    strictly: the last "Verdict: <label>" line if there is one, else the one label the reply names.
+    A reply naming none or several labels, or only a negated "pass" ("it does not pass"), raises
+    ReplyError: a lenient reading (the official script keeps an item when the substring "pass"
+    occurs anywhere) would let "does not pass" or "bypass" through. (Not the LLM judge's True /
+    False, which is `verifier.parse_verdict`.)"""
     # a line still holding the template's "<Pass | Too Simple | ...>" is an echo, not a verdict
     lines = [m for m in _VERDICT_LINE.finditer(text) if "|" not in text[m.end():].split("\n", 1)[0]]
     if lines:
@@ -168,33 +154,16 @@ def parse_verdict(text: str) -> str:
     raise ReplyError(f"several verdicts in the reply ({', '.join(sorted(found))}) and no 'Verdict:' line")
 
 
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.S)
 ANSWER_KEYS = (Y_KEY, "Standard Answer")  # the paper's Figure 6 names the answer "Standard Answer"
 
 
 def parse_problem_json(text: str) -> tuple[str, str]:
-    """(x, y*) from a reformatting reply. Accepted: the JSON object alone, inside a ``` fence (with
-    or without "json"), or after some leading prose (then trailing prose is ignored too). The object
-    must have exactly the two fields, X_KEY and Y_KEY (or the paper's "Standard Answer"), both
-    non-empty strings. Raw line breaks inside strings are tolerated (json strict=False); nothing
-    else is repaired. Anything else raises ReplyError saying what is wrong."""
-    s = text.strip()
-    if not s:
-        raise ReplyError("the reply is empty")
-    fence = _FENCE.search(s)
-    if fence:
-        candidate, whole = fence.group(1).strip(), True
-    else:
-        start = s.find("{")
-        if start < 0:
-            raise ReplyError("no JSON object in the reply")
-        candidate, whole = s[start:], False
-    try:
-        obj, end = json.JSONDecoder(strict=False).raw_decode(candidate)
-    except json.JSONDecodeError as e:
-        raise ReplyError(f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
-    if whole and candidate[end:].strip():
-        raise ReplyError("extra text after the JSON object inside the code block")
+    """(x, y*) from a reformatting reply, read strictly (`extract_json(repair=False)`): the JSON
+    object alone, inside a ``` fence, or after some leading prose (then trailing prose is ignored
+    too); raw line breaks inside strings are tolerated, nothing else is repaired. The object must
+    have exactly the two fields, X_KEY and Y_KEY (or the paper's "Standard Answer"), both non-empty
+    strings. Anything else raises ReplyError saying what is wrong."""
+    obj, _ = extract_json(text, repair=False)
     if not isinstance(obj, dict):
         raise ReplyError(f"expected a JSON object, got {type(obj).__name__}")
     answer_keys = [k for k in ANSWER_KEYS if k in obj]
@@ -212,19 +181,6 @@ def parse_problem_json(text: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------------------
 # asking backends: chunks, progress, context fit, append-only reply log
-
-
-def _fit(backend, r: ChatRequest) -> ChatRequest | None:
-    """A local model's context is finite: shrink max_tokens to a power of two that fits (so that
-    the few long prompts form a few batches, not one each), or None when the prompt alone does not
-    fit. Remote backends are asked as is."""
-    tok, ctx = getattr(backend, "tokenizer", None), getattr(backend, "context_length", None)
-    if tok is None or ctx is None:
-        return r
-    room = ctx - len(tok.apply_chat_template(list(r.messages)))
-    if room < 1:
-        return None
-    return r if room >= r.max_tokens else dataclasses.replace(r, max_tokens=1 << (room.bit_length() - 1))
 
 
 def request_key(name: str, r: ChatRequest) -> str:
@@ -252,7 +208,7 @@ class Asker:
     def __call__(self, backend, name: str, requests: list[ChatRequest], desc: str) -> list[list[str] | None]:
         from tqdm import tqdm
 
-        fitted = [_fit(backend, r) for r in requests]
+        fitted = [fit_request(backend, r) for r in requests]
         keys = [request_key(name, r) if r is not None else None for r in fitted]
         out = [self.seen.get(k) if k is not None else None for k in keys]
         todo = [i for i, k in enumerate(keys) if k is not None and out[i] is None]
@@ -278,7 +234,7 @@ def ask_with_retries(items: list[MCQItem], llm, llm_name: str, template: str, re
     gets up to `retries` follow-ups in the same conversation (the model sees its earlier replies and
     why each was refused, so every retry is a new request, not a cache hit). Returns (parsed value
     or None, last error or None) per item."""
-    convos = [[{"role": "user", "content": render(template, it)}] for it in items]
+    convos = [[{"role": "user", "content": render_mcq(template, it)}] for it in items]
     results, errors = [None] * len(items), [None] * len(items)
     todo = list(range(len(items)))
     for attempt in range(1 + retries):
@@ -295,7 +251,6 @@ def ask_with_retries(items: list[MCQItem], llm, llm_name: str, template: str, re
             except ReplyError as e:
                 errors[i] = str(e)
                 failed.append(i)
-                convos[i] += [{"role": "assistant", "content": out[0]},
-                              {"role": "user", "content": render(retry_template, items[i], str(e))}]
+                convos[i] = follow_up(convos[i], out[0], render_mcq(retry_template, items[i], str(e)))
         todo = failed
     return results, errors

@@ -30,15 +30,15 @@ from pathlib import Path
 from minihuatuo.services.backends import ChatRequest
 from minihuatuo.services.formats import MCQItem, VerifiableProblem, write_problems
 from minihuatuo.services.records import JsonlAppender
+from minihuatuo.services.replies import ReplyError
 from minihuatuo.stages.problem_prompts import (
     TOO_LONG,
     Asker,
     Prompts,
-    ReplyError,
     ask_with_retries,
+    parse_filter_verdict,
     parse_problem_json,
-    parse_verdict,
-    render,
+    render_mcq,
 )
 from minihuatuo.stages.problem_rules import NotReformulatable, reformat_offline, rule_filter
 
@@ -111,7 +111,7 @@ def too_easy_filter(items, filter_models: dict, cfg: ProblemsConfig, prompts: Pr
     answers: dict[str, list] = {}
     for name, backend in filter_models.items():
         backend = backend if hasattr(backend, "complete") else backend()
-        reqs = [ChatRequest([{"role": "user", "content": render(prompts.too_easy, it)}],
+        reqs = [ChatRequest([{"role": "user", "content": render_mcq(prompts.too_easy, it)}],
                             temperature=cfg.easy_temperature, max_tokens=cfg.easy_max_tokens) for it in items]
         outs = asker(backend, name, reqs, f"too-easy filter: {name}")
         del backend
@@ -142,7 +142,7 @@ def llm_filter(items, llm, llm_name: str, cfg: ProblemsConfig, prompts: Prompts 
     """§2.1 step 2: one LLM verdict per item; only "pass" is kept."""
     asker = asker or Asker(chunk=cfg.request_chunk)
     verdicts, errors = ask_with_retries(items, llm, llm_name, prompts.llm_filter, prompts.verdict_retry,
-                                        parse_verdict, asker, "LLM filter", **_llm_settings(cfg))
+                                        parse_filter_verdict, asker, "LLM filter", **_llm_settings(cfg))
     kept, drops = [], []
     for it, v, err in zip(items, verdicts, errors):
         if v == "pass":
@@ -300,7 +300,7 @@ def format_summary(r: BuildResult) -> str:
 def cmd_build(args) -> int:
     from minihuatuo.services.config import build_config
     from minihuatuo.services.formats import read_mcq
-    from minihuatuo.stages.problem_prompts import load_prompts
+    from minihuatuo.stages.problem_prompts import load_problem_prompts
 
     cfg = build_config(ProblemsConfig, {}, None, args.config, args)
     items, first_file = [], {}
@@ -338,7 +338,7 @@ def cmd_build(args) -> int:
         llm, llm_name = local(args.llm_model), str(args.llm_model)
     elif args.llm_endpoint:
         llm, llm_name = remote(*args.llm_endpoint), f"{args.llm_endpoint[1]}@{args.llm_endpoint[0]}"
-    prompts = load_prompts(args.prompts) if args.prompts else Prompts()
+    prompts = load_problem_prompts(args.prompts) if args.prompts else Prompts()
     result = build_problems(items, cfg, evals, filter_models, llm, llm_name, prompts, args.out)
     print(format_summary(result))
     print(f"wrote {args.out}/search.json, rl.json, dropped.jsonl, summary.json", file=sys.stderr)

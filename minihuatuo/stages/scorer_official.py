@@ -7,7 +7,8 @@ step that finds something decides. The code here is ours, written from the descr
 algorithm in notes/eval.md, which also lists every quirk and what it does to a score:
 
   clean:    every "</s>" removed, then one leading space; an empty result drops the item.
-  split:    only the text after the last exact "## Final Response\\n\\n" (case and both newlines).
+  split:    only the text after the last exact "## Final Response\\n\\n" (case and both newlines):
+            `response_format.extract_final_response(output, "official")`.
   step 1:   "answer is" + optional whitespace + a capital A-N, whatever the item's options and
             whatever follows ("the answer is Hypertension" gives H); case-sensitive.
   step 2:   one of the item's letters (the first len(options) of A-N, capitals only) with a
@@ -27,8 +28,9 @@ import difflib
 import re
 from functools import lru_cache
 
-FINAL_MARK = "## Final Response\n\n"  # exact: no other spacing, case or heading level
-LETTERS = "ABCDEFGHIJKLMN"
+from minihuatuo.services.response_format import extract_final_response
+
+OFFICIAL_LETTERS = "ABCDEFGHIJKLMN"  # the official scorer's letters; an item with n options uses the first n
 _CJK = "\u4e00-\u9fff"
 _ANSWER_IS = re.compile(r"answer is\s*([A-N])")  # step 1: the letter need not be an option's
 
@@ -39,16 +41,11 @@ def clean_output(output: str) -> str:
     return output[1:] if output.startswith(" ") else output
 
 
-def final_text(output: str) -> str:
-    """The part the official scorer reads: after the last exact FINAL_MARK, else everything."""
-    return output.rpartition(FINAL_MARK)[2]
-
-
 @lru_cache(maxsize=None)
 def _letter_pattern(n_options: int) -> re.Pattern:
     # before: "is ", a non-word or CJK character, or the start; never "A" then a space; after: a
     # non-word or CJK character (consumed, so it cannot serve as the next letter's "before"), or the end
-    return re.compile(rf"(?:is |[\W{_CJK}]|^)(?!A )([{LETTERS[:n_options]}])(?:[\W{_CJK}]|$)")
+    return re.compile(rf"(?:is |[\W{_CJK}]|^)(?!A )([{OFFICIAL_LETTERS[:n_options]}])(?:[\W{_CJK}]|$)")
 
 
 def _latest(found: list[tuple[str, int]]) -> str:
@@ -64,7 +61,7 @@ def official_choice(output: str, options: dict[str, str]) -> tuple[str, str, str
     """(first, last, step) for a cleaned, non-empty output; step is "explicit" (step 1), "letter"
     (step 2: the official code reports both as type 1), "text" (type 2) or "similar" (type 3).
     There is always an answer."""
-    text = final_text(output)
+    text = extract_final_response(output, "official")  # after the last exact "## Final Response\n\n"
     for step, found in (("explicit", [m.group(1) for m in _ANSWER_IS.finditer(text)]),
                         ("letter", [m.group(1) for m in _letter_pattern(len(options)).finditer(text)])):
         if found:

@@ -32,18 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from minihuatuo.services.backends import ChatRequest
+from minihuatuo.services.backends import ChatRequest, fit_request
 from minihuatuo.services.formats import VerifiableProblem
 from minihuatuo.services.records import FormatError, JsonlAppender, read_records
+from minihuatuo.services.replies import ReplyError, follow_up, render
 from minihuatuo.services.verifier import JUDGE_PARSES
 from minihuatuo.stages.search_prompts import (
     STRATEGIES,
-    ReplyError,
     SearchPrompts,
     parse_cot,
     parse_natural_reasoning,
     parse_response,
-    render,
 )
 from minihuatuo.stages.search_reformat import (
     HINT,
@@ -156,8 +155,7 @@ def ask(ctx: Context, step: dict, content: str, parse, retry_template: str):
             return parse(reply)
         except ReplyError as e:
             step["errors"].append(str(e))
-            messages = [first, {"role": "assistant", "content": reply},
-                        {"role": "user", "content": render(retry_template, error=str(e))}]
+            messages = follow_up([first], reply, render(retry_template, error=str(e)))  # the last reply only
     raise StepFailed("unparseable", f"{step['strategy']}: {step['errors'][-1]}")
 
 
@@ -307,18 +305,6 @@ def problem_ids(problems: list[VerifiableProblem]) -> list[str]:
     return ids
 
 
-def fit(backend, r: ChatRequest) -> ChatRequest | None:
-    """A local model's context is finite: shrink max_tokens to a power of two that fits (few distinct
-    values keep the local backend's batches large), or None when the prompt leaves no room."""
-    tok, ctx_len = getattr(backend, "tokenizer", None), getattr(backend, "context_length", None)
-    if tok is None or ctx_len is None:
-        return r  # remote: asked as is
-    room = ctx_len - len(tok.apply_chat_template(list(r.messages)))
-    if room < MIN_ROOM:
-        return None
-    return r if room >= r.max_tokens else dataclasses.replace(r, max_tokens=1 << (room.bit_length() - 1))
-
-
 def read_done(path: Path) -> dict[str, dict]:
     done = {}
     for rec in read_records(path) if path.exists() else []:
@@ -398,7 +384,7 @@ def run_search(problems: list[VerifiableProblem], backend, verifier, out_dir, cf
             if not active:
                 break
             asks = list(active)  # every active problem waits on an LLM reply now
-            fitted = [fit(backend, active[pid][1].request) for pid in asks]
+            fitted = [fit_request(backend, active[pid][1].request, MIN_ROOM) for pid in asks]
             sendable = [r for r in fitted if r is not None]
             replies = backend.complete(sendable) if sendable else []  # one batched call per step
             if len(replies) != len(sendable):

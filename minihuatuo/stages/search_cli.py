@@ -189,7 +189,7 @@ def cmd_search(args) -> int:
 
 def add_cli(sub) -> None:
     from minihuatuo.services.config import add_config_args
-    from minihuatuo.services.reward import VERIFIERS, _add_verifier_args
+    from minihuatuo.services.reward import VERIFIERS, add_verifier_args
 
     p = sub.add_parser("search", help="strategy search for complex reasoning trajectories -> SFT data (paper §3.1)")
     p.add_argument("--data", required=True, metavar="FILE", help="verifiable problems (official format, JSON/JSONL)")
@@ -211,6 +211,6 @@ def add_cli(sub) -> None:
     p.add_argument("--tokenizer", metavar="DIR", help="count tokens with this tokenizer (default: the local "
                    "search model's; for an endpoint without it, ~4 characters per token)")
     p.add_argument("--verifier", choices=VERIFIERS, default="rule", help="Verifier(y, y*) of the search")
-    _add_verifier_args(p)
+    add_verifier_args(p)
     add_config_args(p, SearchConfig)
     p.set_defaults(func=cmd_search)

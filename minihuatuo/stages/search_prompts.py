@@ -15,21 +15,23 @@ The paper's Figures 8-14 show the structure, which we keep; the wording here is 
   - response:  ê and the question -> the formal response ŷ, plain text (Figure 14);
   - json_retry / text_retry: the follow-up sent after an unusable reply, showing the error.
 
-Templates are filled in one pass (`render`), so a question containing "{reference}" stays as it is.
-`load_search_prompts(FILE)` replaces any of them from JSON or TOML; `strategies` is a table keyed
-by the paper's strategy names.
+Templates are filled in one pass (`replies.render`), so a question containing "{reference}" stays
+as it is. `load_search_prompts(FILE)` replaces any of them from JSON or TOML; `strategies` is a table
+keyed by the paper's strategy names.
 
 Replies are read by `parse_cot` (the action list) and `parse_natural_reasoning`, which accept what
-LLMs commonly wrap around JSON (a code fence, leading or trailing prose, trailing commas, raw line
-breaks inside strings, a missing final Verification) and raise `ReplyError` with the reason for
-anything else; the search then retries a bounded number of times.
+LLMs commonly wrap around JSON (`replies.extract_json`: a code fence, leading or trailing prose,
+trailing commas, raw line breaks inside strings; and here a missing final Verification) and raise
+`replies.ReplyError` with the reason for anything else; the search then retries a bounded number
+of times.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
+
+from minihuatuo.services.replies import ReplyError, extract_json, load_prompts
 
 # §3.1: the four search strategies K, by their paper names. Sampled uniformly (search.py).
 STRATEGIES = ("Exploring New Paths", "Backtracking", "Verification", "Correction")
@@ -180,14 +182,7 @@ REQUIRED = {"init": ("{question}",), "refine": ("{question}", "{previous_reasoni
 def load_search_prompts(path) -> SearchPrompts:
     """Prompts from a JSON or TOML file holding any fields of `SearchPrompts`; the rest keep ours.
     `strategies` is an object keyed by strategy names, replacing any of the four sentences."""
-    from minihuatuo.services.config import read_config_file
-
-    data = read_config_file(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object with fields {', '.join(REQUIRED)}")
-    unknown = sorted(set(data) - set(REQUIRED))
-    if unknown:
-        raise ValueError(f"{path}: unknown prompt(s) {', '.join(unknown)}; known: {', '.join(REQUIRED)}")
+    data = load_prompts(path, REQUIRED, tables=("strategies",))
     strategies = dict(STRATEGY_INSTRUCTIONS)
     if "strategies" in data:
         table = data.pop("strategies")
@@ -198,91 +193,11 @@ def load_search_prompts(path) -> SearchPrompts:
             raise ValueError(f"{path}: field 'strategies': unknown strategy {', '.join(bad)}; "
                              f"known: {', '.join(STRATEGIES)}")
         strategies.update(table)
-    for name, text in data.items():
-        if not isinstance(text, str):
-            raise ValueError(f"{path}: field {name!r}: expected a string")
-        missing = [p for p in REQUIRED[name] if p not in text]
-        if missing:
-            raise ValueError(f"{path}: field {name!r}: the template has no {', '.join(missing)} placeholder")
     return dataclasses.replace(SearchPrompts(), strategies=strategies, **data)
-
-
-def render(template: str, **values: str) -> str:
-    """Fill {name} placeholders in one pass: text pasted in (a question, a reply) is never itself
-    searched for placeholders."""
-    return re.sub(r"\{(" + "|".join(values) + r")\}", lambda m: values[m.group(1)], template)
 
 
 # ---------------------------------------------------------------------------------------------------
 # reading replies
-
-
-class ReplyError(ValueError):
-    """A reply that cannot be used; the message says why (it is shown to the model on a retry)."""
-
-
-_FENCE = re.compile(r"```[ \t]*[A-Za-z]*[ \t]*\n?(.*?)```", re.S)
-
-
-def strip_trailing_commas(s: str) -> str:
-    """Drop each comma that is followed (after white space) by } or ], outside strings."""
-    out, i, in_str = [], 0, False
-    while i < len(s):
-        c = s[i]
-        if in_str:
-            if c == "\\":
-                out.append(s[i:i + 2])
-                i += 2
-                continue
-            in_str = c != '"'
-        elif c == '"':
-            in_str = True
-        elif c == ",":
-            j = i + 1
-            while j < len(s) and s[j] in " \t\r\n":
-                j += 1
-            if j < len(s) and s[j] in "}]":
-                i += 1
-                continue
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-def extract_json(text: str) -> tuple[object, list[str]]:
-    """The first JSON value of a reply and the repairs it needed ("code fence", "leading prose",
-    "trailing commas"). Text after the value is ignored. Raises ReplyError."""
-    s = text.strip()
-    if not s:
-        raise ReplyError("the reply is empty")
-    repairs, candidates = [], []
-    fence = _FENCE.search(s)
-    if fence:
-        candidates.append((fence.group(1).strip(), "code fence"))
-    starts = [i for i in (s.find("{"), s.find("[")) if i >= 0]
-    if starts:
-        start = min(starts)
-        candidates.append((s[start:], "leading prose" if start > 0 else None))
-    if not candidates:
-        raise ReplyError("no JSON object in the reply")
-    error = None
-    for candidate, how in candidates:
-        for fixed, fix in ((candidate, None), (strip_trailing_commas(candidate), "trailing commas")):
-            if fix and fixed == candidate:
-                continue
-            try:
-                # strict=False: raw line breaks inside strings are common in LLM JSON and harmless
-                value, _ = json.JSONDecoder(strict=False).raw_decode(fixed)
-            except json.JSONDecodeError as e:
-                error = error or (e, len(fixed))
-                continue
-            repairs += [r for r in (how, fix) if r]
-            return value, repairs
-    e, n = error
-    # an error at the very end of the text: the JSON never closed (typically max_tokens ran out)
-    unfinished = e.pos >= n - 1 or e.msg.startswith("Unterminated string")
-    cut = " (the JSON is unfinished: was the reply cut off at max_tokens?)" if unfinished else ""
-    raise ReplyError(f"invalid JSON: {e.msg} at line {e.lineno}, column {e.colno}{cut}")
 
 
 @dataclass

@@ -36,9 +36,10 @@ from minihuatuo.engine.tokenizer import Tokenizer
 from minihuatuo.services.config import add_config_args, build_config
 from minihuatuo.services.formats import read_sft
 from minihuatuo.stages.sft_data import IGNORE, Batch, collate_packed, collate_padded, prepare
-from minihuatuo.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from minihuatuo.training.checkpoints import load_checkpoint, save_checkpoint, save_dtype_of
 from minihuatuo.training.distributed import Dist, all_sum, init_distributed, no_grad_sync, wrap_model
-
+from minihuatuo.training.run_dir import RunDir, add_output_args
+from minihuatuo.training.schedules import warmup_then_decay_lr
 
 @dataclass
 class SFTConfig:
@@ -80,16 +81,6 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- pure pieces
 
-def learning_rate(step: int, total_steps: int, cfg: SFTConfig) -> float:
-    """Linear warmup over warmup_ratio of the steps, then cosine (or linear) decay to min_lr_ratio·lr."""
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
-
-
 def param_groups(model, weight_decay: float):
     """Weight decay on matrices only: decaying norm gains and biases pulls them toward 0, not toward
     their identity values, and regularises nothing useful."""
@@ -125,9 +116,15 @@ def global_batches(order: list[int], size: int) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume: bool = False) -> dict:
+def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume: bool = False,
+          overwrite: bool = False, save_dtype="float32") -> dict:
+    """out_dir/checkpoint-N/ every save_every steps and out_dir/final/: the model in HF layout (weights
+    in `save_dtype`) + trainer/ (training/checkpoints.py); metrics.jsonl. A directory that already
+    holds a run needs `resume` or `overwrite` (training/run_dir.py). Returns the last step's metrics."""
     d = init_distributed()
     out = Path(out_dir)
+    save_dtype = save_dtype_of(save_dtype)
+    run = RunDir("sft", out, "step", d, resume=resume, overwrite=overwrite)
     tokenizer = Tokenizer.from_dir(model_dir)
     data = prepare(read_sft(data_path), tokenizer, cfg.max_length, cfg.overlong)
     held_out = prepare(read_sft(eval_path), tokenizer, cfg.max_length, cfg.overlong) if eval_path else []
@@ -142,17 +139,17 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
     steps_per_epoch = math.ceil(len(data) / cfg.global_batch_size)
     total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    if resume and (ckpt := latest_checkpoint(out)) is not None:
-        state = {k: v for k, v in load_checkpoint(ckpt, model, optimizer).items() if k in state}
-        if d.main:
-            print(f"sft: resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    if run.checkpoint is not None:
+        state = {k: v for k, v in load_checkpoint(run.checkpoint, model, optimizer).items() if k in state}
     collate = ((lambda items: collate_packed(items, tokenizer.pad_id, cfg.max_length)) if cfg.pack
                else (lambda items: collate_padded(items, tokenizer.pad_id)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and d.device.type == "cuda")
-    metrics_file = None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    metrics_file = run.begin(state["step"])  # rank 0; says what it resumed from
+    if run.checkpoint is not None and state["step"] >= total:  # resumed at the end
+        if d.main:
+            metrics_file.close()
+            print(f"sft: {run.checkpoint} has {state['step']} of {total} steps done: nothing to do", file=sys.stderr)
+        return {}
     bar = tqdm(total=total, initial=state["step"], desc="sft", disable=not d.main, file=sys.stderr)
     last = {}
     while state["step"] < total:
@@ -161,7 +158,7 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
             if state["step"] >= total:
                 break
             t0 = time.perf_counter()
-            lr = learning_rate(state["step"], total, cfg)
+            lr = warmup_then_decay_lr(state["step"], total, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             members = [data[i] for i in batches[b]]
@@ -196,7 +193,8 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
                     metrics_file.write(json.dumps(last) + "\n")
                     metrics_file.flush()
             if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
-                save_checkpoint(out / f"checkpoint-{state['step']}", model, optimizer, state, cfg, model_dir, d)
+                save_checkpoint(out / f"checkpoint-{state['step']}", model, optimizer, state, cfg, model_dir, d,
+                                save_dtype)
         else:
             state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
     bar.close()
@@ -204,7 +202,7 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
         last["eval_loss"] = eval_loss(model, held_out, collate, cfg.micro_batch_size, d, cfg.kernels)
         if d.main:
             metrics_file.write(json.dumps({"step": state["step"], "eval_loss": last["eval_loss"]}) + "\n")
-    save_checkpoint(out / "final", model, optimizer, state, cfg, model_dir, d)
+    save_checkpoint(out / "final", model, optimizer, state, cfg, model_dir, d, save_dtype)
     if d.main:
         metrics_file.close()
     return last
@@ -228,7 +226,8 @@ def eval_loss(model, items, collate, micro_batch_size: int, d: Dist, kernels: bo
 
 def cmd_sft(args) -> int:
     cfg = build_config(SFTConfig, PRESETS, args.preset, args.config, args)
-    last = train(cfg, args.model, args.data, args.out, eval_path=args.eval_data, resume=args.resume)
+    last = train(cfg, args.model, args.data, args.out, eval_path=args.eval_data, resume=args.resume,
+                 overwrite=args.overwrite, save_dtype=args.save_dtype)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": str(Path(args.out) / "final"), **last}))
     if dist.is_initialized():
@@ -240,9 +239,10 @@ def add_cli(sub) -> None:
     p = sub.add_parser("sft", help="supervised fine-tuning on SFT-format data (also under torchrun)")
     p.add_argument("--model", required=True, help="checkpoint directory to start from")
     p.add_argument("--data", required=True, help="SFT file (JSON or JSONL: Question, Complex_CoT, Response)")
-    p.add_argument("--out", required=True, help="output directory: checkpoint-N/, final/, metrics.jsonl")
+    p.add_argument("--out", required=True, help="output directory: checkpoint-N/, final/ (the HF model; trainer/: "
+                                                "optimizer, state), metrics.jsonl")
     p.add_argument("--eval-data", default=None, help="held-out SFT file for the eval loss")
     p.add_argument("--preset", default="paper", choices=list(PRESETS))
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint-N in --out")
+    add_output_args(p, "step")
     add_config_args(p, SFTConfig)
     p.set_defaults(func=cmd_sft)

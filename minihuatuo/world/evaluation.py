@@ -15,12 +15,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from minihuatuo.services.backends import ChatRequest, LocalBackend
+from minihuatuo.services.replies import ReplyError, render
+from minihuatuo.services.response_format import extract_final_response
 from minihuatuo.services.verifier import RuleVerifier
 from minihuatuo.services.verifier_text import load_aliases
-from minihuatuo.stages.evaluate import extract_choice, final_response
-from minihuatuo.stages.problem_prompts import TOO_EASY_PROMPT
-from minihuatuo.stages.problem_prompts import render as render_mcq_prompt
-from minihuatuo.stages.search_prompts import ReplyError, SearchPrompts, parse_cot, render
+from minihuatuo.stages.evaluate import extract_choice
+from minihuatuo.stages.problem_prompts import TOO_EASY_PROMPT, render_mcq
+from minihuatuo.stages.search_prompts import SearchPrompts, parse_cot
 from minihuatuo.world.exam import generate_exam, open_problem
 from minihuatuo.world.kb import DEFAULT_KB, load_kb, write_aliases
 
@@ -40,14 +41,14 @@ def requests_for(mode: str, items, problems, prompts: SearchPrompts) -> list[Cha
     elif mode == "cot":
         texts = [render(prompts.init, question=p.x) for p in problems]
     else:
-        texts = [render_mcq_prompt(TOO_EASY_PROMPT, it) for it in items]
+        texts = [render_mcq(TOO_EASY_PROMPT, it) for it in items]
     return [ChatRequest([{"role": "user", "content": t}], temperature=0.0, max_tokens=MAX_TOKENS[mode]) for t in texts]
 
 
 def grade(mode: str, reply: str, item, problem, verifier) -> tuple[bool, bool]:
     """(correct, readable)."""
     if mode == "direct":  # think-then-answer: the verifier reads the final response (reward.py's ŷ)
-        return verifier.verify(final_response(reply), problem.y_star), True
+        return verifier.verify(extract_final_response(reply, "tolerant"), problem.y_star), True
     if mode == "cot":
         try:
             conclusion = parse_cot(reply).conclusion

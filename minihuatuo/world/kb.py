@@ -36,9 +36,9 @@ from minihuatuo.engine.paths import bundled
 
 WORLD_DIR = bundled("data/world")
 DEFAULT_KB = WORLD_DIR / "kb.json"
-DEFAULT_ALIASES = WORLD_DIR / "aliases.tsv"
+WORLD_ALIASES = WORLD_DIR / "aliases.tsv"  # the world's alias groups (not verifier_text.DEFAULT_ALIASES)
 QTYPES = ("diagnosis", "investigation", "treatment", "complication")
-FACT_OF = {"investigation": "investigation", "complication": "complication"}
+FACT_FIELD = {"investigation": "investigation", "complication": "complication"}  # qtype -> the Condition field
 MIN_SHOWN = 3  # findings in a vignette: 3 or all of them; any 3 must name the condition uniquely
 SPLITS = ("train", "heldout")
 CALLS = {  # the MCQ call; problem_rules.reformat_offline turns each into an open question
@@ -97,7 +97,7 @@ class KB:
             return c.name
         if qtype == "treatment":
             return c.alternative if context in self.avoid.get(c.first_line, ()) else c.first_line
-        return getattr(c, FACT_OF[qtype])
+        return getattr(c, FACT_FIELD[qtype])
 
 
 class KBError(ValueError):
@@ -211,7 +211,7 @@ def load_kb(path=DEFAULT_KB) -> KB:
     return kb
 
 
-def write_aliases(kb: KB, path=DEFAULT_ALIASES) -> Path:
+def write_aliases(kb: KB, path=WORLD_ALIASES) -> Path:
     """The world's alias groups in the rule verifier's TSV format (verifier_text.load_aliases)."""
     lines = ["# Aliases of the minihuatuo clinical world (data/world/kb.json), written by minihuatuo.world.",
              "# One group per line, names separated by TABs. Simplified teaching content, not medical advice."]

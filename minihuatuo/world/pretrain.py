@@ -41,7 +41,8 @@ from minihuatuo.services.config import add_config_args, build_config
 from minihuatuo.stages.evaluate import FREE_PROMPT
 from minihuatuo.stages.problem_prompts import TOO_EASY_PROMPT
 from minihuatuo.stages.search_prompts import SearchPrompts
-from minihuatuo.stages.sft import learning_rate, param_groups
+from minihuatuo.stages.sft import param_groups
+from minihuatuo.training.schedules import warmup_then_decay_lr
 from minihuatuo.world.exam import write_exam
 from minihuatuo.world.kb import DEFAULT_KB, WORLD_DIR, load_kb
 from minihuatuo.world.text import CorpusConfig, build_corpus
@@ -226,7 +227,7 @@ def pretrain(cfg: PretrainConfig, out_dir, kb_path=DEFAULT_KB, progress: bool = 
             order, pos = torch.randperm(len(rows), generator=g), 0
         batch = rows[order[pos:pos + cfg.batch_size]]  # (B, T+1)
         pos += cfg.batch_size
-        lr = learning_rate(step, cfg.steps, cfg)
+        lr = warmup_then_decay_lr(step, cfg.steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         targets = batch[:, 1:].masked_fill(batch[:, 1:] == tokenizer.pad_id, -100)  # (B, T); no loss on padding
@@ -293,7 +294,7 @@ def cmd_exam(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def cmd_world_eval(args) -> int:
     from minihuatuo.world.evaluation import evaluate_base, format_report
 
     report = evaluate_base(args.model, n=args.n, seed=args.seed, kb_path=args.kb, batch_size=args.batch_size)
@@ -328,4 +329,7 @@ def add_cli(sub) -> None:
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--kb", default=str(DEFAULT_KB))
     v.add_argument("--out", default=None, metavar="FILE", help="write the report as JSON")
-    v.set_defaults(func=cmd_eval)
+    v.set_defaults(func=cmd_world_eval)
+    from minihuatuo.world.pairs import add_pairs_cli
+
+    add_pairs_cli(wsub)

@@ -21,8 +21,7 @@ import random
 from dataclasses import dataclass
 
 from minihuatuo.stages.evaluate import FREE_PROMPT, render_prompt
-from minihuatuo.stages.problem_prompts import TOO_EASY_PROMPT
-from minihuatuo.stages.problem_prompts import render as render_mcq_prompt
+from minihuatuo.stages.problem_prompts import TOO_EASY_PROMPT, render_mcq
 from minihuatuo.stages.search_prompts import SearchPrompts
 from minihuatuo.world.exam import generate_exam, open_problem, vignette_of
 from minihuatuo.world.kb import KB, join
@@ -159,7 +158,7 @@ def build_corpus(kb: KB, cfg: CorpusConfig = CorpusConfig(), tutor: TutorConfig 
         docs.append(("direct", direct_exercise(kb, vignette_of(items[j]), problems[j].x, rng, tutor)[0]))
     for i in range(cfg.mcq_exercises):
         it = items[-1 - i]
-        docs.append(("mcq", chat(render_mcq_prompt(TOO_EASY_PROMPT, it),
+        docs.append(("mcq", chat(render_mcq(TOO_EASY_PROMPT, it),
                                  mcq_reply(kb, vignette_of(it), it.options, rng, tutor, explain=False))))
     for i in range(cfg.free_mcq_exercises):
         it = items[(i + 3 * n // 2) % len(items)]

@@ -24,8 +24,10 @@ import json
 import random
 from dataclasses import dataclass, field, replace
 
+from minihuatuo.services.replies import render
+from minihuatuo.services.response_format import think_then_answer
 from minihuatuo.stages.search import allowed_strategies
-from minihuatuo.stages.search_prompts import SearchPrompts, render
+from minihuatuo.stages.search_prompts import SearchPrompts
 from minihuatuo.stages.search_reformat import INIT, conclusion, previous_reasoning, template_complex_cot
 from minihuatuo.world.exam import distractors
 from minihuatuo.world.kb import KB, Vignette, context_sentence, join, person
@@ -38,7 +40,7 @@ ANSWER_SENTENCE = {
 }
 FACT_NAME = {"investigation": "key investigation", "treatment": "first-line treatment",
              "complication": "most feared complication"}
-FACT_OF = {"investigation": "for", "treatment": "for", "complication": "of"}
+FACT_OF = {"investigation": "for", "treatment": "for", "complication": "of"}  # "the key investigation for <condition>"
 
 
 @dataclass
@@ -117,7 +119,7 @@ def failed_refinement(kb: KB, v: Vignette, prev: Attempt, rng: random.Random) ->
 # sentences
 
 
-def say(kb: KB, name: str, rng: random.Random, cfg: TutorConfig) -> str:
+def write_answer(kb: KB, name: str, rng: random.Random, cfg: TutorConfig) -> str:
     """The answer as written: its name, or now and then one of its aliases."""
     names = kb.names(name)
     return rng.choice(names[1:]) if len(names) > 1 and rng.random() < cfg.alias else name
@@ -194,7 +196,7 @@ def closing(kb: KB, v: Vignette, a: Attempt, said: str, rng, cfg) -> list[dict]:
 def init_actions(kb: KB, v: Vignette, a: Attempt, rng: random.Random, cfg: TutorConfig) -> list[dict]:
     """e_0, y_0 in the search format."""
     return [findings_step(kb, v), diagnosis_step(kb, v, a), *fact_steps(kb, v, a),
-            *closing(kb, v, a, say(kb, a.answer, rng, cfg), rng, cfg)]
+            *closing(kb, v, a, write_answer(kb, a.answer, rng, cfg), rng, cfg)]
 
 
 def fixed_mistakes(kb: KB, v: Vignette, prev: Attempt, new: Attempt) -> list[str]:
@@ -249,7 +251,7 @@ def refine_actions(kb: KB, v: Vignette, prev: Attempt, k: str, new: Attempt, rng
     reject = " ".join(found) + " The previous conclusion does not hold." if found else \
         f"The previous conclusion, {prev.answer}, has been checked and is wrong, so it does not hold."
     return [{"action": "Verification", "content": reject}, *strategy_steps(kb, v, prev, k, new),
-            *fact_steps(kb, v, new), *closing(kb, v, new, say(kb, new.answer, rng, cfg), rng, cfg)]
+            *fact_steps(kb, v, new), *closing(kb, v, new, write_answer(kb, new.answer, rng, cfg), rng, cfg)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -304,8 +306,7 @@ def direct_exercise(kb: KB, v: Vignette, x: str, rng, cfg: TutorConfig):
     what it lacks is the reflection that SFT on searched trajectories teaches."""
     a = first_attempt(kb, v, rng, cfg)
     actions = init_actions(kb, v, a, rng, cfg)
-    text = f"## Thinking\n\n{template_complex_cot([(INIT, actions)])}\n\n## Final Response\n\n{conclusion(actions)}"
-    return chat(x, text), a
+    return chat(x, think_then_answer(template_complex_cot([(INIT, actions)]), conclusion(actions))), a
 
 
 def mcq_reply(kb: KB, v: Vignette, options: dict, rng, cfg: TutorConfig, explain: bool) -> str:

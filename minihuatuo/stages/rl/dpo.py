@@ -3,41 +3,48 @@
 Two steps, each a function below:
 
     1. pairs (build_pairs; append-only JSONL, resumable)
-       for every RL problem x: N = 5 responses y ~ π_SFT(· | x) (our sampler, rl.rollout);
+       for every RL problem x: N = 5 responses y ~ π_SFT(· | x) (our sampler, rollout.rollout);
        s = reward.rewards(y, y*) (1 verified / 0.1 not / 0 no format); chosen = a verified response
        (s = 1), rejected = one that is not (s < 1); problems without both kinds give no pair.
     2. training (train; sigmoid DPO, Rafailov et al. 2023, with a frozen reference π_ref = π_SFT)
        L = −log σ(β [(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])      dpo_loss
        log π(y|x) = Σ over the response tokens (stop token included) of log π(y_t | x, y_<t)    sequence_logprobs
 
-The sequence log-probs use the rollout's forward (rl.response_logprobs) at temperature 1: DPO scores the
-model's own distribution, not the tempered sampling one. Checkpoints and DDP plumbing come from sft.py.
+The sequence log-probs use the rollout's forward (rollout.response_logprobs) at temperature 1: DPO scores
+the model's own distribution, not the tempered sampling one. Shared with PPO, RLOO and GRPO as functions:
+rollout.py (sampling, prompt encoding, log-probs); training/ (schedule, checkpoints, the run loop, DDP).
 """
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from minihuatuo.engine.checkpoint import load_model
 from minihuatuo.engine.sample import left_pad
 from minihuatuo.engine.tokenizer import Tokenizer
-from minihuatuo.services.config import add_config_args, build_config
 from minihuatuo.services.formats import X_KEY, Y_KEY, read_problems
 from minihuatuo.services.records import FormatError, JsonlAppender, read_records
 from minihuatuo.services.reward import RewardConfig, rewards
-from minihuatuo.stages.rl.ppo import learning_rate
-from minihuatuo.stages.rl.ppo_train import add_verifier_args, encode_prompt, in_chunks, verifier_from_args
-from minihuatuo.stages.rl.rollout import Rollout, masks_from_last, response_logprobs, rollout
+from minihuatuo.stages.rl.rollout import (
+    Rollout,
+    adamw,
+    encode_prompt,
+    in_chunks,
+    masks_from_last,
+    response_logprobs,
+    rollout,
+)
 from minihuatuo.stages.sft import epoch_order, global_batches
-from minihuatuo.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from minihuatuo.training.distributed import Dist, all_sum, init_distributed, no_grad_sync
+from minihuatuo.training.checkpoints import load_checkpoint, save_checkpoint, save_dtype_of
+from minihuatuo.training.distributed import Dist, all_sum, init_distributed, no_grad_sync, wrap_model
+from minihuatuo.training.loop import run_updates
+from minihuatuo.training.run_dir import RunDir
+from minihuatuo.training.schedules import warmup_from_zero_linear_lr
 
 
 @dataclass
@@ -101,7 +108,7 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 def pair_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device="cpu") -> Rollout:
     """A Rollout of given (prompt, response) ids — left-padded prompts, right-padded responses, the masks
-    of rl.py — so the rollout's forward scores stored responses. (has_stop and logprobs are unused.)"""
+    of rollout.py — so the rollout's forward scores stored responses. (has_stop and logprobs are unused.)"""
     query, query_mask = left_pad(prompts, pad_id, device)
     R = max(len(r) for r in responses)
     response = torch.full((len(responses), R), pad_id, dtype=torch.long)
@@ -202,7 +209,7 @@ def read_pair_records(path, items, samples_per_problem: int) -> list[PairRecord]
 def step(s: int, total: int, cfg: DPOConfig, policy, ref, pairs, batch: list[int], optimizer, d: Dist,
          pad_id: int) -> dict:
     """One optimizer step on a global batch of pairs: every pair has equal weight in the mean loss."""
-    lr = learning_rate(s, total, cfg)
+    lr = warmup_from_zero_linear_lr(s, total, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr
     mine = batch[d.rank::d.world]
@@ -233,11 +240,20 @@ def step(s: int, total: int, cfg: DPOConfig, policy, ref, pairs, batch: list[int
 
 
 def train(cfg: DPOConfig, policy_dir, data_path, out_dir, verifier, pairs_path=None, resume=False,
-          reward_cfg: RewardConfig = RewardConfig(), pairs_only: bool = False, max_steps: int = 0):
+          reward_cfg: RewardConfig = RewardConfig(), pairs_only: bool = False, max_steps: int = 0,
+          overwrite: bool = False, save_dtype="float32"):
     """Build (or finish) the pairs file, then train. Returns (pair statistics, per-step metrics).
-    out_dir/pairs.jsonl (default), checkpoint-S/ and final/ (policy, HF layout), metrics.jsonl."""
+    out_dir/pairs.jsonl (default), checkpoint-S/ and final/ (policy, HF layout, weights in
+    `save_dtype`, + trainer/), metrics.jsonl. A directory that already holds a training run needs
+    `resume` or `overwrite` (training/run_dir.py; the pairs file is always resumed, and kept by
+    `overwrite`)."""
     d = init_distributed()
     out = Path(out_dir)
+    save_dtype = save_dtype_of(save_dtype)
+    if pairs_only and overwrite:
+        raise ValueError("--overwrite replaces a training run; --pairs-only trains nothing (the pairs file is "
+                         "resumed: delete it to sample again)")
+    run = None if pairs_only else RunDir("dpo", out, "step", d, resume=resume, overwrite=overwrite)
     pairs_path = Path(pairs_path) if pairs_path else out / "pairs.jsonl"
     tokenizer = Tokenizer.from_dir(policy_dir)
     items = read_problems(data_path)
@@ -259,66 +275,19 @@ def train(cfg: DPOConfig, policy_dir, data_path, out_dir, verifier, pairs_path=N
         raise ValueError(f"{pairs_path}: no problem has both a verified and an unverified response; nothing to train")
 
     ref = load_model(policy_dir, dtype=torch.float32, device=d.device).eval().requires_grad_(False)
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        policy = DistributedDataParallel(policy, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=cfg.adam_eps,
-                                  weight_decay=0.0)
+    policy = wrap_model(policy, "ddp", d)
+    optimizer = adamw(policy, cfg)
     # a batch smaller than the number of processes would leave a process without work (and DDP waiting)
     batches = [b for e in range(cfg.epochs)
                for b in global_batches(epoch_order(len(pairs), cfg.seed, e), cfg.batch_size) if len(b) >= d.world]
     total = len(batches)
-    start = 0
-    ckpt = latest_checkpoint(out) if resume and out.exists() else None
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, policy, optimizer)["step"]
-    stop_at = min(total, max_steps) if max_steps else total
-    history, metrics = [], None
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-    bar = tqdm(range(start, stop_at), desc="dpo", disable=not d.main, file=sys.stderr)
-    for s in bar:
-        m = step(s, total, cfg, policy, ref, pairs, batches[s], optimizer, d, tokenizer.pad_id)
-        history.append(m)
-        if d.main:
-            bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['reward_accuracy']:.2f}",
-                            margin=f"{m['reward_margin']:.2f}")
-            metrics.write(json.dumps(m) + "\n")
-            metrics.flush()
-        if cfg.save_every and (s + 1) % cfg.save_every == 0 and s + 1 < total:
-            save_checkpoint(out / f"checkpoint-{s + 1}", policy, optimizer, {"step": s + 1}, cfg, policy_dir, d)
-    save_checkpoint(out / "final", policy, optimizer, {"step": stop_at}, cfg, policy_dir, d)
-    if d.main:
-        metrics.close()
+    history = run_updates(
+        run, total, max_updates=max_steps, save_every=cfg.save_every,
+        update=lambda s: step(s, total, cfg, policy, ref, pairs, batches[s], optimizer, d, tokenizer.pad_id),
+        save=lambda path, state: save_checkpoint(path, policy, optimizer, state, cfg, policy_dir, d, save_dtype),
+        load=lambda path: load_checkpoint(path, policy, optimizer), postfix=_postfix)
     return stats, history
 
 
-def cmd_dpo(args) -> int:
-    cfg = build_config(DPOConfig, PRESETS, args.preset, args.config, args)
-    stats, history = train(cfg, args.policy, args.data, args.out, verifier_from_args(args),
-                           pairs_path=args.pairs, resume=args.resume, pairs_only=args.pairs_only,
-                           max_steps=args.max_steps)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(json.dumps({**stats, **({"out": str(Path(args.out) / "final"), **history[-1]} if history else {})}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("dpo", help="stage-2 DPO on verifier-labelled pairs of SFT samples (paper App. F)")
-    p.add_argument("--policy", required=True, help="the stage-1 SFT checkpoint (sampler, start and reference)")
-    p.add_argument("--data", required=True,
-                   help="verifiable problems (Open-ended Verifiable Question, Ground-True Answer)")
-    p.add_argument("--out", required=True, help="output directory: pairs.jsonl, checkpoint-S/, final/, metrics.jsonl")
-    p.add_argument("--pairs", default=None,
-                   help="the pairs file (JSONL, appended to and resumed); default OUT/pairs.jsonl")
-    p.add_argument("--pairs-only", action="store_true", help="build the pairs file and stop (run it in one process "
-                                                             "before a torchrun training)")
-    add_verifier_args(p)
-    p.add_argument("--preset", default="paper", choices=list(PRESETS))
-    p.add_argument("--resume", action="store_true", help="continue training from the latest checkpoint-S/")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all)")
-    add_config_args(p, DPOConfig)
-    p.set_defaults(func=cmd_dpo)
+def _postfix(m: dict) -> dict:
+    return {"loss": f"{m['loss']:.3f}", "acc": f"{m['reward_accuracy']:.2f}", "margin": f"{m['reward_margin']:.2f}"}

@@ -1,26 +1,50 @@
 """Stage 2: PPO with verifier rewards (paper §3.2, Algorithm 1 stage two, §4.1, Appendix F).
 
-One update, as PPO pseudo-code (notes/ppo.md; `ppo_train.update` is exactly this):
+One update, as PPO pseudo-code (notes/ppo.md; `update` below is exactly this, top to bottom):
 
-    rollout      y ~ π_old(· | x) at temperature T, cut after the first stop token   rl.rollout
-    log-probs    log π_old (sampler), log π_ref, V_old                               rl.response_logprobs / _values
-    rewards      r_t = −β (log π_old − log π_ref)_t,  + s(x, y) at the score slot    per_token_rewards
-    advantages   GAE(γ, λ) over all slots; R_t = A_t + V_t; A whitened over t ≤ L    gae, masked_whiten
-    for epoch in 1..K, for each minibatch:
-        L_π = mean_seq mean_{t≤L}   max(−A ρ, −A clip(ρ, 1−ε, 1+ε)),  ρ = π/π_old     policy_loss
-        L_V = mean_seq ½ mean_{t≤L+1} max((V−R)², (clip(V, V_old±ε_V)−R)²)            value_loss
+    1. rollout      y ~ π_old(· | x) at temperature T, cut after the first stop token   rollout.update_rollout
+    2. forwards     log π_old (from the sampler), log π_ref, V_old                      response_logprobs, critic_values
+    3. score        s(x, y) = 1 / 0.1 / 0 from the verifier                             rollout.score_rollout
+    4. advantages   r_t = −β (log π_old − log π_ref)_t,  + s at the score slot          per_token_rewards
+                    GAE(γ, λ) over all slots; R_t = A_t + V_t; A whitened over t ≤ L    gae, masked_whiten
+    5. for epoch in 1..K, for each minibatch:
+        L_π = mean_seq mean_{t≤L}   max(−A ρ, −A clip(ρ, 1−ε, 1+ε)),  ρ = π/π_old      policy_loss
+        L_V = mean_seq ½ mean_{t≤L+1} max((V−R)², (clip(V, V_old±ε_V)−R)²)             value_loss
         step on L_π + c_V · L_V (one AdamW over policy and critic, clipped global norm)
+    6. diagnostics  both KL estimators, entropy, clip fractions, explained variance    diagnostics
 
 Score s (paper §3.2): 1 if the verifier accepts the final response, 0.1 if not, 0 without the
-"## Thinking / ## Final Response" format (reward.rewards). The loop lives in ppo_train.py.
+"## Thinking / ## Final Response" format (reward.rewards). Shared with RLOO / GRPO / DPO as functions:
+rollout.py. The run around the update (models, resume, metrics, checkpoints) is ppo_run.py; the
+command is commands.py.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from minihuatuo.engine import kernels
+from minihuatuo.engine.reference_kernels import token_logprobs_and_entropy
+from minihuatuo.services.reward import RewardConfig
+from minihuatuo.stages.rl.rollout import (
+    Rollout,
+    by_length,
+    forward_inputs,
+    masked_mean,
+    response_logprobs,
+    response_positions,
+    rollout_diagnostics,
+    score_rollout,
+    select,
+    trim,
+    update_rollout,
+)
+from minihuatuo.training.distributed import Dist, all_sum, no_grad_sync
+from minihuatuo.training.schedules import warmup_from_zero_linear_lr
 
 
 @dataclass
@@ -35,7 +59,7 @@ class PPOConfig:
     # TRL stops at tokenizer.eos_token_id); "all" = also every generation_config.json eos_token_id, as
     # `generate` and `serve` do (Llama-3.1-Instruct lists <|end_of_text|>, <|eom_id|>, <|eot_id|>)
     stop_tokens: str = "eos_token"
-    drop_last: bool = True  # official: a data epoch drops its last partial batch (ppo_train.update_prompts)
+    drop_last: bool = True  # official: a data epoch drops its last partial batch (rollout.update_prompts)
     batch_size: int = 128  # rollouts per update over all processes (paper §4.1)
     micro_batch_size: int = 1  # sequences per forward/backward (memory only)
     num_mini_batches: int = 1  # optimizer steps per PPO epoch
@@ -61,6 +85,8 @@ class PPOConfig:
     save_every: int = 20  # updates between checkpoints (official save_steps 20)
 
 
+# The preset vocabulary of every RL command (notes/rl_variants.md § Presets): `official` = the authors'
+# released PPO run, `paper` = what the paper states on top of it, `tiny-world` = the bundled world.
 PRESETS = {
     "official": PPOConfig(),
     "paper": PPOConfig(vf_coef=1.0, early_stop=True),
@@ -71,14 +97,7 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- pure math
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum()
-    return (x * mask).sum(dim) / mask.sum(dim)
-
+# ----------------------------------------------------------------------------- the math
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, stats=None) -> torch.Tensor:
     """(x − μ)/sqrt(σ² + eps) with μ and the UNBIASED σ² over masked entries only, then 0 off the mask
@@ -138,16 +157,6 @@ def value_loss(values, old_values, returns, mask, clip_value: float):
     return 0.5 * masked_mean(torch.maximum(a, b), mask, dim=1), masked_mean((b > a).float(), mask, dim=1)
 
 
-def learning_rate(update: int, num_updates: int, cfg: PPOConfig) -> float:
-    """lr for update u (0-based), stepped once per update (checklist 33): linear warmup over
-    W = ceil(warmup_ratio · U) updates starting at 0 — so the first update trains at lr 0 when W > 0,
-    as in the official run — then linear decay to 0 at the end."""
-    warmup = math.ceil(cfg.warmup_ratio * num_updates)
-    if update < warmup:
-        return cfg.lr * update / warmup
-    return cfg.lr * (num_updates - update) / max(1, num_updates - warmup)
-
-
 def explained_variance(values, returns, mask) -> float:
     """1 − Var(R − V)/Var(R) over the value region: 1 = the critic predicts returns perfectly."""
     var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
@@ -155,8 +164,6 @@ def explained_variance(values, returns, mask) -> float:
     var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
     return float(1 - var_d / var_r) if var_r > 0 else float("nan")
 
-
-# ----------------------------------------------------------------------------- the trained pair
 
 class ActorCritic(nn.Module):
     """Policy and critic behind one forward, so one DDP wrapper and one optimizer cover both
@@ -172,13 +179,9 @@ class ActorCritic(nn.Module):
         run as one chunked kernel that never holds the (N, V) logits (kernels.py)."""
         h = self.policy.hidden_states(ids, attention_mask=mask, position_ids=positions)[at]  # (N, C)
         if fused:
-            from minihuatuo.engine import kernels
-
-            logp, entropy = kernels.token_logprobs_and_entropy(h, self.policy.lm_head.weight, actions, temperature)
+            logp, entropy = kernels.linear_logprobs_and_entropy(h, self.policy.lm_head.weight, actions, temperature)
         else:
-            logp_all = torch.log_softmax(self.policy.lm_head(h).float() / temperature, -1)  # (N, V)
-            logp = logp_all.gather(-1, actions[:, None]).squeeze(-1)
-            entropy = -(logp_all.exp() * logp_all).sum(-1)
+            logp, entropy = token_logprobs_and_entropy(self.policy.lm_head(h), actions, temperature)
         if self.critic is None:
             return logp, entropy, self.policy.score(h).squeeze(-1)
         return logp, entropy, self.values(ids, mask, positions, at)
@@ -189,3 +192,138 @@ class ActorCritic(nn.Module):
         critic = self.critic if self.critic is not None else self.policy
         h = critic.hidden_states(ids, attention_mask=mask, position_ids=positions)[at]  # (N, C)
         return critic.score(h).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- one update
+
+@dataclass
+class Experience:
+    """Everything one update holds fixed for its K PPO epochs (checklist 25)."""
+
+    ro: Rollout
+    old_values: torch.Tensor  # (B, R) V_old, 0 beyond L + 1
+    ref_logprobs: torch.Tensor  # (B, R) log π_ref, 0 off the policy mask
+    scores: torch.Tensor  # (B,) the sequence score s (after any missing-stop penalty)
+    raw_scores: torch.Tensor  # (B,) the reward rule's value (1 / 0.1 / 0)
+    kl: torch.Tensor  # (B, R) k1 = log π_old − log π_ref on the policy mask
+    advantages: torch.Tensor  # (B, R) whitened, 0 off the policy mask
+    returns: torch.Tensor  # (B, R) unwhitened A + V_old
+
+
+def update(u: int, num_updates: int, cfg: PPOConfig, ac, ref, tokenizer, items, verifier, optimizer,
+           d: Dist, reward_cfg: RewardConfig) -> dict:
+    """One PPO update: collect experience with the current policy (1–4), learn from it (5), log (6)."""
+    lr = warmup_from_zero_linear_lr(u, num_updates, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    timings: dict = {}
+    exp = collect(u, cfg, ac, ref, tokenizer, items, verifier, d, reward_cfg, timings)
+    t = time.perf_counter()
+    logs = learn(u, cfg, ac, optimizer, exp)
+    timings["time_optimize"] = time.perf_counter() - t
+    return {"update": u + 1, "lr": lr, **diagnostics(exp, logs, reward_cfg, d), **timings}
+
+
+@torch.no_grad()
+def collect(u: int, cfg: PPOConfig, ac, ref, tokenizer, items, verifier, d: Dist, reward_cfg: RewardConfig,
+            timings: dict) -> Experience:
+    """Rollout → log π_ref, V_old → scores → per-token rewards → GAE → returns → whitened advantages."""
+    t0 = time.perf_counter()
+    base = ac.module if hasattr(ac, "module") else ac
+
+    # 1. rollout: this process's share of update u's prompts, one response each
+    ro, references = update_rollout(base.policy, tokenizer, items, u, cfg, d)
+    t1 = time.perf_counter()
+
+    # 2. frozen forwards: log π_ref and V_old, on chunks of similar length cut to their longest response
+    ref_lp, old_values = torch.zeros_like(ro.logprobs), torch.zeros_like(ro.logprobs)
+    for c in by_length(ro, torch.arange(ro.response.shape[0]), cfg.micro_batch_size):
+        sub = trim(select(ro, c))
+        R = sub.response.shape[1]
+        ref_lp[c, :R] = response_logprobs(ref, sub, cfg.temperature)
+        old_values[c, :R] = critic_values(base, sub)
+    ref_lp, old_values = ref_lp * ro.policy_mask, old_values * ro.value_mask  # checklist 22
+    t2 = time.perf_counter()
+
+    # 3. score: the verifier's reward of each response
+    scores, raw_scores = score_rollout(cfg, ro, references, verifier, reward_cfg)
+    t3 = time.perf_counter()
+
+    # 4. rewards and advantages; old log-probs come from the sampler, never recomputed (checklist 6, 35)
+    per_token, kl = per_token_rewards(ro.logprobs, ref_lp, scores, ro.policy_mask, ro.last, cfg.beta, cfg.score_slot)
+    advantages = gae(per_token, old_values, cfg.gamma, cfg.lam)
+    returns = advantages + old_values  # from the unwhitened advantages (checklist 23)
+    stats = None
+    if cfg.whiten_scope == "global":
+        m = ro.policy_mask.float()
+        stats = tuple(all_sum(torch.stack([(advantages * m).sum(), (advantages ** 2 * m).sum(), m.sum()]), d))
+    advantages = masked_whiten(advantages, ro.policy_mask, stats=stats)
+    timings.update(time_rollout=t1 - t0, time_ref_value=t2 - t1, time_reward=t3 - t2)
+    return Experience(ro, old_values, ref_lp, scores, raw_scores, kl, advantages, returns)
+
+
+def learn(u: int, cfg: PPOConfig, ac, optimizer, exp: Experience) -> dict[str, list[float]]:
+    """K epochs × minibatches of clipped policy + value loss; one optimizer step per minibatch (checklist 30)."""
+    ro, B = exp.ro, exp.ro.response.shape[0]
+    logs = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approx_kl", "ratio", "entropy")}
+
+    # 5. epochs × minibatches: loss, backward, one optimizer step per minibatch
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=torch.Generator().manual_seed(cfg.seed * 7919 + u * 131 + epoch))
+        for mb in perm.tensor_split(cfg.num_mini_batches):
+            micro = by_length(ro, mb, cfg.micro_batch_size)  # the same sum of per-sequence losses, less padding
+            for j, c in enumerate(micro):
+                sub = select_experience(exp, c)
+                ids, mask, pos = forward_inputs(sub.ro)
+                R = sub.ro.response.shape[1]
+                with no_grad_sync(ac, j == len(micro) - 1):
+                    new_lp, entropy, vpred = (x.view(len(c), R) for x in ac(
+                        ids, mask, pos, response_positions(sub.ro), sub.ro.response.reshape(-1), cfg.temperature,
+                        cfg.kernels))
+                    pl, pclip = policy_loss(new_lp, sub.ro.logprobs, sub.advantages, sub.ro.policy_mask, cfg.clip)
+                    vl, vclip = value_loss(vpred, sub.old_values, sub.returns, sub.ro.value_mask, cfg.clip_value)
+                    seq_loss = pl + cfg.vf_coef * vl
+                    if cfg.entropy_coef:
+                        seq_loss = seq_loss - cfg.entropy_coef * masked_mean(entropy, sub.ro.policy_mask, dim=1)
+                    # equal weight per sequence: mean over the minibatch of per-sequence token means (checklist 29)
+                    (seq_loss.sum() / len(mb)).backward()
+                with torch.no_grad():
+                    diff = (new_lp - sub.ro.logprobs) * sub.ro.policy_mask
+                    logs["pg_loss"].append(pl.mean().item())
+                    logs["vf_loss"].append(vl.mean().item())
+                    logs["clipfrac"].append(pclip.mean().item())
+                    logs["vf_clipfrac"].append(vclip.mean().item())
+                    logs["approx_kl"].append(masked_mean(0.5 * diff ** 2, sub.ro.policy_mask).item())
+                    logs["ratio"].append(masked_mean(diff.exp(), sub.ro.policy_mask).item())
+                    if epoch == 0:
+                        logs["entropy"].append(masked_mean(entropy, sub.ro.policy_mask).item())
+            torch.nn.utils.clip_grad_norm_(ac.parameters(), cfg.max_grad_norm)  # checklist 32
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return logs
+
+
+def diagnostics(exp: Experience, logs: dict, reward_cfg: RewardConfig, d: Dist) -> dict:
+    """Per-update metrics over all processes (documented in notes/ppo.md)."""
+    # 6. diagnostics: the samples (both KL estimators), the learning phase, the critic
+    ro = exp.ro
+    log_ratio = (exp.ref_logprobs - ro.logprobs) * ro.policy_mask  # log π_ref/π_old per token
+    k3 = (log_ratio.exp() - 1 - log_ratio) * ro.policy_mask
+    return {**rollout_diagnostics(ro, exp.raw_scores, exp.kl, k3, reward_cfg, d),
+            **{k: sum(v) / max(1, len(v)) for k, v in logs.items()},
+            "value_ev": explained_variance(exp.old_values, exp.returns, ro.value_mask)}
+
+
+def select_experience(exp: Experience, idx) -> Experience:
+    """Rows idx of the experience, cut to the response slots they use (`trim`)."""
+    ro = trim(select(exp.ro, idx))
+    R = ro.response.shape[1]
+    rows = (getattr(exp, f.name)[idx] for f in dataclasses.fields(Experience)[1:])
+    return Experience(ro, *(x if x.dim() == 1 else x[:, :R] for x in rows))
+
+
+@torch.no_grad()
+def critic_values(base: ActorCritic, ro: Rollout) -> torch.Tensor:
+    """V_old (B, R) of the rollout's response slots (the critic alone)."""
+    ids, mask, pos = forward_inputs(ro)
+    return base.values(ids, mask, pos, response_positions(ro)).view(ro.response.shape)
