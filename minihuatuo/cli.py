@@ -2,6 +2,12 @@
 
 Only results go to stdout; progress, warnings and diagnostics go to stderr, so that stdout can be
 piped (the `generate --raw` contract: stdout is exactly the decoded completion).
+
+Bad input ends with one line on stderr, `minihuatuo CMD: error: ...` naming the option, file, line
+or field, and exit status 2: argparse's errors (an unknown option, an option's value out of its
+range) and the commands' own (ValueError, FileNotFoundError, CheckpointError: `main`). A command
+with nothing to do (search, verify, verifier-eval on an empty file) says so on stderr and exits 0;
+a trainer on an empty data file is an error.
 """
 from __future__ import annotations
 
@@ -13,6 +19,15 @@ import torch
 from minihuatuo.engine.chat_templates import KINDS
 
 from minihuatuo.engine.checkpoint import DTYPES
+from minihuatuo.services.config import nonnegative_float, nonnegative_int, positive_int, seed_int, top_p_float
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with one-line errors, as `main`'s: `minihuatuo CMD: error: MESSAGE`, exit 2
+    (argparse prints its usage first; `--help` shows it). Subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _default_device() -> str:
@@ -24,11 +39,11 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weights dtype; 'auto' keeps the stored one (default float32)")
     p.add_argument("--device", default=_default_device(), help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=top_p_float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=seed_int, default=None)
     p.add_argument("--system", default=None, help="system message for the chat template")
     p.add_argument("--chat-template", default=None, metavar="NAME", choices=KINDS,
                    help=f"use this hand-written chat format ({', '.join(KINDS)}) instead of recognising "
@@ -101,7 +116,7 @@ def cmd_chat(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minihuatuo import __version__
 
-    parser = argparse.ArgumentParser(prog="minihuatuo", description=__doc__.splitlines()[0])
+    parser = Parser(prog="minihuatuo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"minihuatuo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

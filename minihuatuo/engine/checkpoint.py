@@ -56,7 +56,10 @@ def read_json(path: Path) -> dict:
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
-    """ModelConfig from a config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`)."""
+    """ModelConfig from a config.json dict (transformers 4.x `rope_theta`/`rope_scaling` or 5.x `rope_parameters`).
+    A field of the wrong type or out of its range (ModelConfig's rules) is a CheckpointError naming `source`."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
@@ -83,21 +86,28 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     problems += [f"missing field {k!r}" for k in missing]
     if problems:
         raise CheckpointError(f"{source}: " + "; ".join(problems))
+    if "id2label" in hf and not isinstance(hf["id2label"], dict):
+        raise CheckpointError(f"{source}: field 'id2label': expected an object, got {hf['id2label']!r}")
     num_labels = len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2)
     attention_bias = bool(hf.get("attention_bias", False))
     extra = {k: hf[k] for k in ("id2label", "label2id", "problem_type") if k in hf}
-    return ModelConfig(
-        family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
-        num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim") or 0, rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(rope_theta),
-        rope_scaling=scaling, max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        qkv_bias=family == "qwen2" or attention_bias, o_bias=family == "llama" and attention_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        lm_head=lm_head, num_labels=num_labels if score else 0,
-        initializer_range=hf.get("initializer_range", 0.02), bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"), extra=extra)
+    if isinstance(rope_theta, int) and not isinstance(rope_theta, bool):
+        rope_theta = float(rope_theta)  # anything else: ModelConfig names it
+    try:
+        return ModelConfig(
+            family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim") or 0, rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+            rope_scaling=scaling, max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            qkv_bias=family == "qwen2" or attention_bias, o_bias=family == "llama" and attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            lm_head=lm_head, num_labels=num_labels if score else 0,
+            initializer_range=hf.get("initializer_range", 0.02), bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"), extra=extra)
+    except ValueError as e:  # ModelConfig's rules: "field 'num_hidden_layers': expected an integer >= 1, got 'four'"
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype) -> dict:

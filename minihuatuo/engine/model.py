@@ -61,8 +61,39 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # config.json fields we carry through unchanged (id2label, ...)
 
     def __post_init__(self):
+        # the values' rules (engine/ has no services/config.py: the same rules, written out); a bad value is
+        # a ValueError naming the field (config.json's name too: engine/checkpoint.py puts the file in front)
+        def need(name: str, ok, rule: str):
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"field {name!r}: expected {rule}, got {value!r}")
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(v):
+            return (integer(v) or isinstance(v, float)) and math.isfinite(v)
+
+        def token_id(v):
+            return v is None or (integer(v) and v >= 0)
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            need(name, lambda v: integer(v) and v >= 1, "an integer >= 1")
+        need("head_dim", lambda v: integer(v) and v >= 0, "an integer >= 0 (0: hidden_size / num_attention_heads)")
+        need("num_labels", lambda v: integer(v) and v >= 0, "an integer >= 0")
+        for name in ("rms_norm_eps", "rope_theta"):
+            need(name, lambda v: number(v) and v > 0, "a number > 0")
+        need("initializer_range", lambda v: number(v) and v >= 0, "a number >= 0")
+        need("bos_token_id", token_id, "a token id (an integer >= 0) or null")
+        need("pad_token_id", token_id, "a token id (an integer >= 0) or null")
+        need("eos_token_id", lambda v: token_id(v) or (isinstance(v, list) and all(token_id(i) for i in v)),
+             "a token id (an integer >= 0), a list of them or null")
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} is odd (hidden_size {self.hidden_size} / num_attention_heads "
+                             f"{self.num_attention_heads}); RoPE rotates pairs of dimensions")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from minihuatuo.services.backends import ChatRequest, LocalBackend
+from minihuatuo.services.config import require_nonnegative, require_positive, require_seed
 from minihuatuo.services.formats import write_problems
 from minihuatuo.stages.diagnostics import DiagnosticsConfig, read_reply, summarize
 from minihuatuo.stages.evaluate import FREE_PROMPT, extract_choice, render_prompt
@@ -147,6 +148,11 @@ class DemoConfig:
     }
 
     def __post_init__(self):
+        # the demo's own values first (services/config.py; each stage's config checks its own), so the
+        # derived stage values below are valid
+        require_positive(self, "n_train", "n_heldout", "response_length", "ppo_updates", "batch_size")
+        require_nonnegative(self, "threads")
+        require_seed(self, "seed", "heldout_seed")
         # the derived values, once: every stage gets the one seed; search replies and PPO rollouts the
         # one response length; PPO runs ppo_updates updates (ppo_run: ceil(total_episodes / batch_size))
         self.problems = replace(self.problems, seed=self.seed)

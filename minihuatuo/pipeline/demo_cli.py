@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from minihuatuo.pipeline.ablation import run_ablation
 from minihuatuo.pipeline.demo import PRESETS, DemoConfig, run_demo
-from minihuatuo.services.config import add_config_args, build_config
+from minihuatuo.services.config import add_config_args, build_config, positive_int
 
 
 def cmd_demo(args) -> int:
@@ -22,6 +22,6 @@ def add_cli(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default demo_out or demo_quick)")
     p.add_argument("--ablation", action="store_true",
                    help="SFT on direct response / simple CoT / complex CoT, each then PPO, over --seeds")
-    p.add_argument("--seeds", type=int, default=3, help="seeds of the ablation (default 3)")
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds of the ablation (default 3)")
     add_config_args(p, DemoConfig)
     p.set_defaults(func=cmd_demo)

@@ -23,12 +23,20 @@ PPO settings, not PPOConfig's own defaults). Two optional class attributes of th
 
 A file's unknown field, derived field or value of the wrong type is an error naming the file and
 the field's path.
+
+Ranges. Each config dataclass states its fields' rules in `__post_init__`, with the `require_*`
+functions below (a count >= 1, a ratio in [0, 1], every float finite, ...): a bad value is refused
+however the config is made (code, preset, file or flag). Such an error (ConfigError) names the
+field; `build_config` then names where the value came from: the flag (--batch-size), the file and
+field (c.json: ppo.lr) or the preset. Plain options that are not config fields (--limit, --port)
+get the same rules from argparse with the `type=` functions at the end of this module.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -138,17 +146,44 @@ def read_config_file(path) -> dict:
 def build_config(cls, presets: dict, preset: str | None = None, file: str | None = None, overrides=None):
     """The config for a run: preset, then file, then overrides (a dict or parsed CLI args)."""
     values: dict = {}
+    given: dict[str, str] = {}  # path -> where its value came from, for an out-of-range error (last source wins)
     if preset is not None:
         if preset not in presets:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(presets)}")
         values.update(dataclasses.asdict(presets[preset]))
     if file is not None:
-        _merge(values, _checked(cls, _tree(cls, read_config_file(file)), str(file)))
+        tree = _checked(cls, _tree(cls, read_config_file(file)), str(file))
+        _merge(values, tree)
+        given.update({path: f"{file}: {path}" for path in _leaves(tree)})
+    flags: dict[str, str] = {}
     if isinstance(overrides, argparse.Namespace):
         overrides = {k[4:]: v for k, v in vars(overrides).items() if k.startswith("cfg_") and v is not None}
+        aliases = getattr(cls, "ALIASES", {})
+        for key in sorted(overrides, key=lambda k: k not in aliases):  # as _tree: a path given too wins
+            flags.update({path: _flag(key) for path in aliases.get(key, (key,))})
     if overrides:
-        _merge(values, _checked(cls, _tree(cls, overrides), "overrides"))
-    return _construct(cls, values)
+        tree = _checked(cls, _tree(cls, overrides), "overrides")
+        _merge(values, tree)
+        given.update({path: flags.get(path, f"overrides: {path}") for path in _leaves(tree)})
+    try:
+        return _construct(cls, values)
+    except ConfigError as e:  # name the source: the first of the fields it names that a file or flag set
+        path = next((p for p in e.paths if _source(given, p)), e.paths[0])
+        where = _source(given, path) or (f"preset {preset!r}: {path}" if preset is not None else path)
+        raise ValueError(f"{where}: {e.problem}") from None
+
+
+def _leaves(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of the values in a nested dict."""
+    out = []
+    for k, v in tree.items():
+        out += _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [prefix + k]
+    return out
+
+
+def _source(given: dict, path: str) -> str | None:
+    """Where the value at `path` came from; for a table field (a dict), where a part of it came from."""
+    return given.get(path) or next((w for p, w in given.items() if p.startswith(path + ".")), None)
 
 
 def _tree(cls, data: dict) -> dict:
@@ -201,7 +236,10 @@ def _checked(cls, tree: dict, where: str, derived=None, prefix: str = "") -> dic
             (t is float and isinstance(v, int) and not isinstance(v, bool))
         if not ok:
             raise ValueError(f"{where}: {path}: expected {t.__name__}, got {type(v).__name__} {v!r}")
-        out[name] = float(v) if t is float and v is not None else v
+        try:
+            out[name] = float(v) if t is float and v is not None else v
+        except OverflowError:  # an int too large for a float
+            raise ValueError(f"{where}: {path}: expected a finite number, got {v!r}") from None
     return out
 
 
@@ -218,6 +256,129 @@ def _construct(cls, values: dict, defaults=None):
             base = base if dataclasses.is_dataclass(base) else None
             full = dataclasses.asdict(base) if base is not None else {}
             _merge(full, v)
-            v = _construct(sub, full, base)
+            try:
+                v = _construct(sub, full, base)
+            except ConfigError as e:
+                raise ConfigError(tuple(f"{f.name}.{p}" for p in e.paths), e.problem) from None
         kwargs[f.name] = v
     return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- ranges of values
+
+class ConfigError(ValueError):
+    """A config field whose value breaks its rule. `paths` names the field (dotted inside a nested
+    config); a rule relating several fields names them all, and build_config reports the first of them
+    that a file or flag set."""
+
+    def __init__(self, paths: str | tuple[str, ...], problem: str):
+        self.paths = (paths,) if isinstance(paths, str) else tuple(paths)
+        self.problem = problem
+        super().__init__(f"{self.paths[0]}: {problem}")
+
+
+SEED_MAX = 2**32 - 1  # seeds are in [0, 2**32): every random generator here takes them, with room for seed·N + k
+
+
+def _rule(integer: bool, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> str:
+    """The rule in words: "an integer >= 1", "a number in (0, 1]", "a finite number"."""
+    kind = "an integer" if integer else "a number"
+    if lo is not None and hi is not None:
+        return f"{kind} in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{kind} {'>' if lo_open else '>='} {lo}"
+    if hi is not None:
+        return f"{kind} {'<' if hi_open else '<='} {hi}"
+    return kind if integer else "a finite number"
+
+
+def _problem(value, integer: bool, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False) -> str | None:
+    """What is wrong with `value` under the rule (the message after the field's name), or None."""
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and \
+        (integer or isinstance(value, int) or math.isfinite(value)) and \
+        (lo is None or (value > lo if lo_open else value >= lo)) and \
+        (hi is None or (value < hi if hi_open else value <= hi))
+    return None if ok else f"expected {_rule(integer, lo, hi, lo_open, hi_open)}, got {value!r}"
+
+
+def _is_int(cfg, name: str) -> bool:
+    """Whether field `name` of the config is an int field (else a float one)."""
+    f = {f.name: f for f in dataclasses.fields(cfg)}[name]
+    return _field_type(type(cfg), f) is int
+
+
+def require_range(cfg, lo, hi, *names: str, lo_open: bool = False, hi_open: bool = False) -> None:
+    """Each named field within [lo, hi] (lo or hi None: unbounded; *_open: the bound excluded),
+    an integer for an int field, a finite number for a float one. Raises ConfigError."""
+    for name in names:
+        problem = _problem(getattr(cfg, name), _is_int(cfg, name), lo, hi, lo_open, hi_open)
+        if problem:
+            raise ConfigError(name, problem)
+
+
+def require_positive(cfg, *names: str) -> None:
+    """Counts and sizes (int fields) >= 1; rates, scales and epsilons (float fields) > 0."""
+    for name in names:
+        integer = _is_int(cfg, name)
+        require_range(cfg, 1 if integer else 0, None, name, lo_open=not integer)
+
+
+def require_nonnegative(cfg, *names: str) -> None:
+    """>= 0: counts where 0 means "off" or "all" (read the field's comment), coefficients, temperatures."""
+    require_range(cfg, 0, None, *names)
+
+
+def require_fraction(cfg, *names: str) -> None:
+    """In [0, 1]: probabilities, ratios, fractions."""
+    require_range(cfg, 0, 1, *names)
+
+
+def require_seed(cfg, *names: str) -> None:
+    """An integer in [0, 2**32 - 1]."""
+    require_range(cfg, 0, SEED_MAX, *names)
+
+
+def require_finite(cfg) -> None:
+    """Every int field an integer, every float field a finite number (no NaN, no infinity): the rule of
+    a field that has no range. Fields that may be None skip None."""
+    for f in dataclasses.fields(cfg):
+        t, value = _field_type(type(cfg), f), getattr(cfg, f.name)
+        if t in (int, float) and not (value is None and _optional(type(cfg), f)):
+            problem = _problem(value, t is int)
+            if problem:
+                raise ConfigError(f.name, problem)
+
+
+def require_choice(cfg, name: str, choices) -> None:
+    """A string field that must be one of `choices`."""
+    if getattr(cfg, name) not in choices:
+        raise ConfigError(name, f"expected one of {', '.join(choices)}, got {getattr(cfg, name)!r}")
+
+
+# Plain options (argparse `type=`), the same rules for a command's options that are not config fields.
+# A bad value is argparse's error: `minihuatuo CMD: error: argument --limit: expected an integer >= 0, got -1`.
+
+def option_type(integer: bool, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False):
+    """An argparse `type=` function: parse the text as an int (or a float) and check the rule."""
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {_rule(integer, lo, hi, lo_open, hi_open)}, "
+                                             f"got {text!r}") from None
+        problem = _problem(value, integer, lo, hi, lo_open, hi_open)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = "int" if integer else "float"
+    return parse
+
+
+positive_int = option_type(True, lo=1)  # a count or a size
+nonnegative_int = option_type(True, lo=0)  # a count where 0 means "all" or "off"
+seed_int = option_type(True, lo=0, hi=SEED_MAX)
+nonnegative_float = option_type(False, lo=0)  # a temperature, a wait in seconds
+fraction = option_type(False, lo=0, hi=1)  # a probability, a threshold
+top_p_float = option_type(False, lo=0, hi=1, lo_open=True)  # nucleus mass: (0, 1], 1 = off
+port_int = option_type(True, lo=0, hi=65535)  # 0 = any free port

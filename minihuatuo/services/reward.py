@@ -32,6 +32,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from minihuatuo.services.config import fraction, require_finite, seed_int
 from minihuatuo.services.records import FormatError, read_records
 from minihuatuo.services.response_format import extract_final_response
 
@@ -48,6 +49,9 @@ class RewardConfig:
     # False only for the "direct response" ablation of paper Table 3 (its SFT data has no thinking
     # part): ŷ is then the text after "## Final Response" if there is one, else the whole output
     require_thinking: bool = True
+
+    def __post_init__(self):
+        require_finite(self)  # any finite values; the paper's order correct > incorrect > no_format is not enforced
 
 
 def reward(output: str, y_star: str, verifier, cfg: RewardConfig = RewardConfig()) -> float:
@@ -223,7 +227,7 @@ def add_verifier_args(p, *, prefixed: bool = False, judge: bool = True) -> None:
     p.add_argument("--aliases", action="append", default=[], metavar="FILE",
                    help="rule: an extra alias file (TSV, one group per line), added to data/aliases.tsv; repeatable")
     option("model", help="classifier: a sequence-classification checkpoint directory")
-    option("threshold", type=float, default=0.4, help="classifier: P(True) threshold (official 0.4)")
+    option("threshold", type=fraction, default=0.4, help="classifier: P(True) threshold (official 0.4)")
     p.add_argument("--classifier-template", metavar="FILE",
                    help="classifier: input template with {response}, {reference} and {eos}; the released "
                         "verifier needs its own (notes/verifier.md), the built-in one is our wording")
@@ -286,19 +290,26 @@ def cmd_verify(args) -> int:
     if args.pairs is not None and (args.response is not None or args.reference is not None):
         raise ValueError("--pairs cannot be combined with --response / --reference")
     pairs = read_pairs(args.pairs) if args.pairs else [(args.response, args.reference)]
+    if not pairs:  # nothing to do is not an error: say so, print no verdict, exit 0
+        print(f"minihuatuo verify: {args.pairs} holds no pairs; nothing to do", file=sys.stderr)
+        return 0
     verdicts = build_verifier(args.verifier, args).verify_batch(pairs)
     sys.stdout.write("".join(f"{v}\n" for v in verdicts))
     return 0
 
 
 def cmd_verifier_eval(args) -> int:
-    pairs = read_labeled(args.data) if args.data else pairs_from_sft(args.from_sft, seed=args.seed)
-    if args.write_set:
-        write_labeled(args.write_set, pairs)
     names = [n.strip() for n in args.verifiers.split(",") if n.strip()]
     bad = [n for n in names if n not in VERIFIERS]
     if bad or not names:
         raise ValueError(f"--verifiers: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(VERIFIERS)}")
+    pairs = read_labeled(args.data) if args.data else pairs_from_sft(args.from_sft, seed=args.seed)
+    if not pairs:  # nothing to do is not an error: say so, write nothing (--write-set, --json), exit 0
+        print(f"minihuatuo verifier-eval: {args.data or args.from_sft} holds no "
+              f"{'labeled pairs' if args.data else 'SFT items'}; nothing to do", file=sys.stderr)
+        return 0
+    if args.write_set:
+        write_labeled(args.write_set, pairs)
     results = evaluate({n: build_verifier(n, args) for n in names}, pairs)
     positives = sum(p.label for p in pairs)
     print(f"{len(pairs)} labeled pairs: {positives} positive, {len(pairs) - positives} negative")
@@ -330,7 +341,7 @@ def add_cli(sub) -> None:
                      help="SFT-format data with Response and Ground-True Answer: own answer = positive, "
                           "another item's answer = negative")
     p.add_argument("--write-set", metavar="FILE", help="also write the labeled pairs used (JSONL)")
-    p.add_argument("--seed", type=int, default=0, help="--from-sft: which other item's answer is the negative")
+    p.add_argument("--seed", type=seed_int, default=0, help="--from-sft: which other item's answer is the negative")
     p.add_argument("--verifiers", default="exact,rule", help=f"comma-separated, from {', '.join(VERIFIERS)}")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     add_verifier_args(p)

@@ -391,22 +391,31 @@ def add_cli(sub) -> None:
 
     import torch
 
+    from minihuatuo.services.config import (
+        nonnegative_float,
+        nonnegative_int,
+        port_int,
+        positive_int,
+        seed_int,
+        top_p_float,
+    )
+
     p = sub.add_parser("serve", help="serve a checkpoint as an OpenAI-compatible chat-completions endpoint")
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stderr)")
+    p.add_argument("--port", type=port_int, default=8000, help="0 picks a free port (printed on stderr)")
     p.add_argument("--served-model-name", default=None, help="the `model` name clients use (default: directory name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, default=16, help="rows (prompts x n) per batched sampler call")
-    p.add_argument("--default-max-tokens", type=int, default=512, help="when a request sets no max_tokens")
-    p.add_argument("--top-k", type=int, default=0, help="applied to every request (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="applied to every request (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="seeds the sampler stream of requests without a seed")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows (prompts x n) per batched sampler call")
+    p.add_argument("--default-max-tokens", type=positive_int, default=512, help="when a request sets no max_tokens")
+    p.add_argument("--top-k", type=nonnegative_int, default=0, help="applied to every request (0 = off)")
+    p.add_argument("--top-p", type=top_p_float, default=1.0, help="applied to every request (1 = off)")
+    p.add_argument("--seed", type=seed_int, default=None, help="seeds the sampler stream of requests without a seed")
     p.add_argument("--api-key-env", default=None,
                    help="require 'Authorization: Bearer KEY', KEY read from this environment variable")
     # test-only failure injection (see the module docstring); hidden from --help
     p.add_argument("--fail-plan", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--retry-after", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--retry-after", type=nonnegative_float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--delay-s", type=nonnegative_float, default=0.0, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_serve)

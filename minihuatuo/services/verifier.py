@@ -16,8 +16,10 @@ interface, `verify(response, reference) -> bool` plus `verify_batch(pairs) -> li
   the official RL code's input format and threshold, P(True) > 0.4.
 
 The rule verifier's text normalisation and aliases live in verifier_text.py, its commitment rules
-in verifier_rules.py; the reward rule and the commands (`minihuatuo verify`, `minihuatuo
-verifier-eval`) in reward.py.
+in verifier_statements.py (which statement is judged), verifier_mentions.py (is the reference named
+and committed to), verifier_candidates.py (candidates, enumerations) and verifier_rules.py (the
+verdict, and the hack signals the demo's hack rate counts); the reward rule and the commands
+(`minihuatuo verify`, `minihuatuo verifier-eval`) in reward.py.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Protocol
 
 from minihuatuo.services import replies
 from minihuatuo.services.backends import Backend, ChatRequest
-from minihuatuo.services.verifier_rules import rule_match
+from minihuatuo.services.verifier_rules import hack_signals, is_hack, rule_match
 from minihuatuo.services.verifier_text import AliasTable, load_aliases
 
 Pair = tuple[str, str]  # (response y, reference y*)
@@ -80,6 +82,15 @@ class RuleVerifier:
 
     def verify_batch(self, pairs: list[Pair]) -> list[bool]:
         return [rule_match(r, y, self.aliases) for r, y in pairs]
+
+    def hack(self, response: str, reference: str) -> bool:
+        """The response games a mention-based reward: its conclusion names more than one candidate,
+        or it negates or abandons the reference (verifier_rules.is_hack; the demo's hack rate)."""
+        return is_hack(response, reference, self.aliases)
+
+    def hack_signals(self, response: str, reference: str) -> dict[str, bool]:
+        """{"several_candidates", "negated", "abandoned"}: verifier_rules.hack_signals."""
+        return hack_signals(response, reference, self.aliases)
 
 
 # ----------------------------------------------------------------------------- LLM judge

@@ -235,7 +235,7 @@ def find_form(seq, sub, start=0) -> int:
 
 def reference_forms(reference: str, aliases: AliasTable) -> list[tuple[tuple[str, ...], bool]]:
     """The reference's normalised variants, each with whether it may match loosely (see
-    verifier_rules._spans); genus initials must match word for word. A reference that is only an
+    verifier_mentions.spans); genus initials must match word for word. A reference that is only an
     article-like letter ("A") has no form and never matches: an option letter needs the options."""
     ref = reference.strip().rstrip(".").strip()
     variants = [ref]

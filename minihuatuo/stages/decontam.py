@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minihuatuo.services.config import require_nonnegative, require_positive
 from minihuatuo.services.formats import MCQItem, SFTExample, VerifiableProblem
 
 SEP = "\x00"  # joins the texts of a batch; `normalize` guarantees it occurs nowhere else
@@ -40,6 +41,10 @@ class DecontamConfig:
     # following?") then no longer drops every training question that uses the same phrasing.
     boilerplate_items: int = 0
     batch_chars: int = 4_000_000  # training characters hashed per numpy pass (~80 bytes of arrays per char)
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_positive(self, "window", "batch_chars")
+        require_nonnegative(self, "boilerplate_items")
 
 
 @dataclass

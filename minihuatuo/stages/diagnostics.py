@@ -47,6 +47,13 @@ class DiagnosticsConfig:
     reject_pattern: str = r"\bdoes not hold\b|\b(is|was) (wrong|incorrect|not correct)\b|\bcannot be right\b"
     confirm_pattern: str = r"\b(conclusion|answer|diagnosis) (still )?holds\b|\b(is|was) (correct|confirmed)\b"
 
+    def __post_init__(self):
+        for name in ("conclusion_pattern", "reflection_pattern", "reject_pattern", "confirm_pattern"):
+            try:
+                re.compile(getattr(self, name))
+            except (re.error, TypeError) as e:  # re.error is no ValueError: name the field here
+                raise ValueError(f"{name}: not a regular expression ({e}): {getattr(self, name)!r}") from None
+
     def compiled(self) -> dict[str, re.Pattern]:
         return {k: re.compile(getattr(self, k), re.I) for k in
                 ("conclusion_pattern", "reflection_pattern", "reject_pattern", "confirm_pattern")}

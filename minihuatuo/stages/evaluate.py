@@ -31,6 +31,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from minihuatuo.services.config import (
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    require_finite,
+    require_nonnegative,
+    require_positive,
+    seed_int,
+)
 from minihuatuo.services.formats import MCQItem, read_mcq
 from minihuatuo.services.records import FormatError, JsonlAppender, read_records
 from minihuatuo.services.replies import load_prompt, render
@@ -54,6 +63,11 @@ class EvalConfig:
     temperature: float = 0.0  # ours: greedy for reproducibility (official eval.py samples at 0.5, top-p 0.9)
     batch_size: int = 16  # requests per backend call; each call's outputs are appended to the file
     similarity_fallback: bool = True  # step 4 of the cascade, as the official scorer does
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_finite(self)
+        require_positive(self, "max_tokens", "batch_size")
+        require_nonnegative(self, "temperature")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,6 +324,9 @@ def format_table(report: dict) -> str:
 
 def cmd_eval(args) -> int:
     items = read_mcq(args.data, source=args.source, cop_base=args.cop_base)
+    if not items:  # nothing to do is not an error: say so, generate and write nothing, exit 0
+        print(f"minihuatuo eval: {args.data} holds no MCQs; nothing to do", file=sys.stderr)
+        return 0
     if args.limit:
         items = items[:args.limit]
     prompt = load_prompt(args.prompt_file, ("{question}", "{options}")) if args.prompt_file else PROMPTS[args.prompt]
@@ -366,7 +383,7 @@ def add_cli(sub) -> None:
     p.add_argument("--report", default=None, help="write the report (accuracies, counts, per-item letters) as JSON")
     p.add_argument("--source", default=None, help="source tag of items that carry none (default: the file name)")
     p.add_argument("--cop-base", type=int, choices=(0, 1), default=None, help="MedMCQA cop numbering (default: detect)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N items (0 = all)")
+    p.add_argument("--limit", type=nonnegative_int, default=0, help="only the first N items (0 = all)")
     p.add_argument("--scorer", choices=SCORERS, default="strict",
                    help="whose figures the table shows: strict (ours, default) or official (the official "
                         "scorer exactly, quirks included); the report holds both")
@@ -381,8 +398,8 @@ def add_cli(sub) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     g.add_argument("--prompt", choices=sorted(PROMPTS), default="free", help="built-in prompt (default free)")
     g.add_argument("--prompt-file", default=None, help="your own template with {question}, {options}, {context}")
-    g.add_argument("--max-tokens", type=int, default=EvalConfig.max_tokens)
-    g.add_argument("--temperature", type=float, default=EvalConfig.temperature)
-    g.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=positive_int, default=EvalConfig.max_tokens)
+    g.add_argument("--temperature", type=nonnegative_float, default=EvalConfig.temperature)
+    g.add_argument("--batch-size", type=positive_int, default=EvalConfig.batch_size)
+    g.add_argument("--seed", type=seed_int, default=None)
     p.set_defaults(func=cmd_eval)

@@ -28,6 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minihuatuo.services.backends import ChatRequest
+from minihuatuo.services.config import (
+    require_choice,
+    require_finite,
+    require_fraction,
+    require_nonnegative,
+    require_positive,
+    require_seed,
+)
 from minihuatuo.services.formats import MCQItem, VerifiableProblem, write_problems
 from minihuatuo.services.records import JsonlAppender
 from minihuatuo.services.replies import ReplyError
@@ -68,13 +76,15 @@ class ProblemsConfig:
     decontam_boilerplate_items: int = 0
     request_chunk: int = 512  # requests per backend.complete call (one progress step, one log flush)
 
-    def __post_init__(self):
-        if self.reformat not in REFORMATTERS:
-            raise ValueError(f"reformat: expected one of {', '.join(REFORMATTERS)}, got {self.reformat!r}")
-        if not 0.0 <= self.search_fraction <= 1.0:
-            raise ValueError(f"search_fraction: expected a number in [0, 1], got {self.search_fraction}")
-        if self.llm_retries < 0 or self.request_chunk < 1 or self.max_answer_chars < 1:
-            raise ValueError("llm_retries must be >= 0, request_chunk and max_answer_chars >= 1")
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_choice(self, "reformat", REFORMATTERS)
+        require_finite(self)
+        require_fraction(self, "search_fraction")
+        require_nonnegative(self, "min_question_chars", "easy_temperature", "llm_temperature", "llm_retries",
+                            "decontam_boilerplate_items")
+        require_positive(self, "easy_max_tokens", "llm_max_tokens", "max_answer_chars", "decontam_window",
+                         "request_chunk")
+        require_seed(self, "seed")
 
 
 Drop = tuple  # (MCQItem, reason: str, detail: str | dict)
@@ -311,6 +321,10 @@ def cmd_build(args) -> int:
                                  "across the --mcq files")
             first_file[it.id] = path
             items.append(it)
+    if not items:  # nothing to do is not an error: say so, write nothing in --out, exit 0
+        print(f"minihuatuo problems build: {', '.join(map(str, args.mcq))} hold{'s' * (len(args.mcq) == 1)} no MCQs; "
+              "nothing to do", file=sys.stderr)
+        return 0
     items = items[:args.limit] if args.limit else items
     evals = [e for path in args.eval for e in read_mcq(path, cop_base=args.cop_base)]
 
@@ -346,7 +360,7 @@ def cmd_build(args) -> int:
 
 
 def add_cli(sub) -> None:
-    from minihuatuo.services.config import add_config_args
+    from minihuatuo.services.config import add_config_args, nonnegative_int, positive_int
 
     p = sub.add_parser("problems", help="verifiable problems from exam MCQs (paper §2.1)")
     psub = p.add_subparsers(dest="problems_command", required=True)
@@ -357,7 +371,7 @@ def add_cli(sub) -> None:
                    help="evaluation MCQ file to decontaminate against (repeatable)")
     b.add_argument("--source", default=None, help="source tag of items that carry none (default: the file name)")
     b.add_argument("--cop-base", type=int, choices=(0, 1), default=None, help="MedMCQA cop numbering (default: detect)")
-    b.add_argument("--limit", type=int, default=0, help="only the first N items (0 = all)")
+    b.add_argument("--limit", type=nonnegative_int, default=0, help="only the first N items (0 = all)")
     b.add_argument("--filter-model", action="append", default=[], metavar="DIR",
                    help="too-easy filter: a local checkpoint (repeatable; the paper uses three small LLMs)")
     b.add_argument("--filter-endpoint", action="append", nargs=2, default=[], metavar=("BASE_URL", "MODEL"),
@@ -370,6 +384,6 @@ def add_cli(sub) -> None:
     b.add_argument("--prompts", metavar="FILE", help="JSON/TOML with your own too_easy / llm_filter / reformat prompts")
     b.add_argument("--dtype", default="float32", help="local models: float32, bfloat16, float16 or auto")
     b.add_argument("--device", default=None, help="local models: cpu, cuda, cuda:1, ... (default: cuda if available)")
-    b.add_argument("--batch-size", type=int, default=16, help="local models: rows per generate call")
+    b.add_argument("--batch-size", type=positive_int, default=16, help="local models: rows per generate call")
     add_config_args(b, ProblemsConfig)
     b.set_defaults(func=cmd_build)

@@ -33,6 +33,13 @@ from pathlib import Path
 from typing import Callable
 
 from minihuatuo.services.backends import ChatRequest, fit_request
+from minihuatuo.services.config import (
+    require_choice,
+    require_finite,
+    require_nonnegative,
+    require_positive,
+    require_seed,
+)
 from minihuatuo.services.formats import VerifiableProblem
 from minihuatuo.services.records import FormatError, JsonlAppender, read_records
 from minihuatuo.services.replies import ReplyError, follow_up, render
@@ -84,17 +91,15 @@ class SearchConfig:
     # "official": the script's `'true' in reply.lower()`, under which "not true" passes
     judge_parse: str = "strict"
 
-    def __post_init__(self):
-        for name, value, choices in (("restart", self.restart, RESTARTS),
-                                     ("backtracking", self.backtracking, BACKTRACKING_RULES),
-                                     ("reformat", self.reformat, REFORMATTERS),
-                                     ("judge_parse", self.judge_parse, JUDGE_PARSES)):
-            if value not in choices:
-                raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
-        if min(self.max_depth, self.json_retries, self.temperature) < 0 or \
-                min(self.max_attempts, self.max_tokens, self.max_in_flight) < 1:
-            raise ValueError("max_depth, json_retries and temperature must be >= 0; max_attempts, max_tokens and "
-                             "max_in_flight >= 1")
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_choice(self, "restart", RESTARTS)
+        require_choice(self, "backtracking", BACKTRACKING_RULES)
+        require_choice(self, "reformat", REFORMATTERS)
+        require_choice(self, "judge_parse", JUDGE_PARSES)
+        require_finite(self)
+        require_nonnegative(self, "max_depth", "json_retries", "temperature")
+        require_positive(self, "max_attempts", "max_tokens", "max_in_flight")
+        require_seed(self, "seed")
 
 
 # ---------------------------------------------------------------------------------------------------

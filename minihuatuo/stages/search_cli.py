@@ -167,6 +167,9 @@ def cmd_search(args) -> int:
 
     cfg = build_config(SearchConfig, {}, None, args.config, args)
     problems = read_search_problems(args.data)
+    if not problems:  # nothing to do is not an error: say so, touch nothing in --out, exit 0
+        print(f"minihuatuo search: {args.data} holds no problems; nothing to do", file=sys.stderr)
+        return 0
     problems = problems[:args.limit] if args.limit else problems
     prompts = load_search_prompts(args.prompts) if args.prompts else SearchPrompts()
     backend = search_backend(args, cfg)
@@ -188,13 +191,13 @@ def cmd_search(args) -> int:
 
 
 def add_cli(sub) -> None:
-    from minihuatuo.services.config import add_config_args
+    from minihuatuo.services.config import add_config_args, nonnegative_int, positive_int
     from minihuatuo.services.reward import VERIFIERS, add_verifier_args
 
     p = sub.add_parser("search", help="strategy search for complex reasoning trajectories -> SFT data (paper §3.1)")
     p.add_argument("--data", required=True, metavar="FILE", help="verifiable problems (official format, JSON/JSONL)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory; a rerun resumes")
-    p.add_argument("--limit", type=int, default=0, help="only the first N problems (0 = all)")
+    p.add_argument("--limit", type=nonnegative_int, default=0, help="only the first N problems (0 = all)")
     p.add_argument("--prompts", metavar="FILE", help="JSON/TOML replacing any search prompt (search_prompts.py)")
     g = p.add_argument_group("search LLM: --search-checkpoint, or --search-url with --search-model")
     g.add_argument("--search-checkpoint", metavar="DIR", help="a local causal-LM checkpoint (batched; on --device)")
@@ -202,9 +205,9 @@ def add_cli(sub) -> None:
     g.add_argument("--search-model", metavar="NAME", help="the model name at --search-url")
     g.add_argument("--search-api-key-env", default="OPENAI_API_KEY", help="environment variable with the key")
     g.add_argument("--search-cache", metavar="DIR", help="HTTP response cache (sampled replies are cached too)")
-    g.add_argument("--concurrency", type=int, default=8, help="HTTP requests in flight at most")
+    g.add_argument("--concurrency", type=positive_int, default=8, help="HTTP requests in flight at most")
     g.add_argument("--dtype", default="float32", help="local: float32, bfloat16, float16 or auto")
-    g.add_argument("--batch-size", type=int, default=16, help="local: rows per sampler call")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="local: rows per sampler call")
     g.add_argument("--chat-template", metavar="NAME", choices=KINDS,
                    help=f"local: use this hand-written chat format ({', '.join(KINDS)}) instead of recognising "
                         "the checkpoint's own template")

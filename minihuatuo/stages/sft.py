@@ -33,7 +33,17 @@ from tqdm import tqdm
 from minihuatuo.engine.checkpoint import load_model
 from minihuatuo.engine.kernels import linear_cross_entropy
 from minihuatuo.engine.tokenizer import Tokenizer
-from minihuatuo.services.config import add_config_args, build_config
+from minihuatuo.services.config import (
+    add_config_args,
+    build_config,
+    require_choice,
+    require_finite,
+    require_fraction,
+    require_nonnegative,
+    require_positive,
+    require_range,
+    require_seed,
+)
 from minihuatuo.services.formats import read_sft
 from minihuatuo.stages.sft_data import IGNORE, Batch, collate_packed, collate_padded, prepare
 from minihuatuo.training.checkpoints import load_checkpoint, save_checkpoint, save_dtype_of
@@ -69,6 +79,18 @@ class SFTConfig:
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     eval_every: int = 0  # held-out loss every N steps (0 = only at the end, if --eval-data)
     log_every: int = 1
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_finite(self)
+        require_positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size", "max_length", "adam_eps",
+                         "log_every")
+        require_nonnegative(self, "weight_decay", "max_grad_norm", "max_steps", "save_every", "eval_every")
+        require_fraction(self, "warmup_ratio", "min_lr_ratio")
+        require_range(self, 0, 1, "adam_beta1", "adam_beta2", hi_open=True)  # torch's AdamW: 0 <= β < 1
+        require_seed(self, "seed")
+        require_choice(self, "overlong", ("truncate", "drop"))
+        require_choice(self, "schedule", ("cosine", "linear"))
+        require_choice(self, "distributed", ("ddp", "fsdp2"))
 
 
 PRESETS = {
@@ -126,10 +148,15 @@ def train(cfg: SFTConfig, model_dir, data_path, out_dir, eval_path=None, resume:
     save_dtype = save_dtype_of(save_dtype)
     run = RunDir("sft", out, "step", d, resume=resume, overwrite=overwrite)
     tokenizer = Tokenizer.from_dir(model_dir)
-    data = prepare(read_sft(data_path), tokenizer, cfg.max_length, cfg.overlong)
+    examples = read_sft(data_path)
+    if not examples:
+        raise ValueError(f"{data_path}: no SFT examples; nothing to train")
+    data = prepare(examples, tokenizer, cfg.max_length, cfg.overlong)
     held_out = prepare(read_sft(eval_path), tokenizer, cfg.max_length, cfg.overlong) if eval_path else []
     if not data:
         raise ValueError(f"{data_path}: no usable SFT example")
+    if eval_path and not held_out:
+        raise ValueError(f"{eval_path}: no usable held-out SFT example (--eval-data)")
     base = load_model(model_dir, dtype=torch.float32, device=d.device)
     base.activation_checkpointing = cfg.activation_checkpointing
     base.use_kernels = cfg.kernels

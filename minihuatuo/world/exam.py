@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
+from minihuatuo.services.config import ConfigError, require_fraction, require_nonnegative
 from minihuatuo.services.formats import MCQItem, VerifiableProblem, write_mcq, write_problems
 from minihuatuo.world.kb import KB, MIN_SHOWN, QTYPES, SPLITS, Condition, Vignette, question_text, write_aliases
 
@@ -37,6 +38,14 @@ class ExamConfig:
     all_findings: float = 0.3  # train split: P(show all findings, not 3)
     generic_first: float = 1.0  # P(the stem opens with its least specific finding, as case reports do)
     five_options: float = 0.5  # P(5 options rather than 4)
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_nonnegative(self, "diagnosis", "investigation", "treatment", "complication")
+        if self.diagnosis + self.investigation + self.treatment + self.complication <= 0:
+            raise ConfigError(("diagnosis", "investigation", "treatment", "complication"),
+                              "the four question-type weights must not all be 0")
+        require_fraction(self, "treatment_context", "contraindicated", "other_context", "all_findings",
+                         "generic_first", "five_options")
 
 
 def heldout_combination(kb: KB, c: Condition) -> frozenset[str]:

@@ -9,7 +9,7 @@ diagnosis needs the combination, never one finding; every three findings of a co
 uniquely. Every answer carries aliases, written out as data/world/aliases.tsv for the rule
 verifier (paper §2: exact match fails on medical aliases).
 
-The exam generator (world_exam.py) writes closed-set MCQs (4-5 options with plausible distractors) of 1 to 3
+The exam generator (exam.py) writes closed-set MCQs (4-5 options with plausible distractors) of 1 to 3
 reasoning hops:
 
     diagnosis      findings -> condition                                         1 hop
@@ -21,8 +21,8 @@ reasoning hops:
 
 This module holds the knowledge base (loading and checking kb.json, the alias file), the vignette
 (one patient and one question) and the text of its stem. Sampling vignettes, the train / held-out
-split and the MCQs are world_exam.py; the biased tutor that writes the base model's worked
-reasoning is world_tutor.py; the tokenizer and pretraining are world_pretrain.py.
+split and the MCQs are exam.py; the biased tutor that writes the base model's worked
+reasoning is tutor.py; the tokenizer and pretraining are pretrain.py.
 """
 from __future__ import annotations
 

@@ -275,12 +275,13 @@ def cmd_pairs(args) -> int:
 
 def add_pairs_cli(wsub) -> None:
     """`minihuatuo world pairs` (wired into the `world` command by world/pretrain.py)."""
+    from minihuatuo.services.config import positive_int, seed_int
     from minihuatuo.world.kb import DEFAULT_KB
 
     p = wsub.add_parser("pairs", help="labelled (response, reference) pairs from the world: verifier data, "
                                       "or with --adversarial the hack set a reward must withstand")
-    p.add_argument("--n", type=int, required=True, help="number of pairs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=positive_int, required=True, help="number of pairs")
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", required=True, metavar="FILE", help='JSONL: {"response", "reference", "label"} per line')
     p.add_argument("--adversarial", action="store_true",
                    help="honest phrasings and hacks (lists, option letters, negation, ...), each line with its "

@@ -7,7 +7,7 @@
 
 The base model is the stand-in for the pretrained instruct LLM of the paper (§4.1 starts from
 Llama-3.1-8B-Instruct). Steps, in order:
-  1. corpus: textbook, fact questions and the biased tutor's exercises (world_text.py);
+  1. corpus: textbook, fact questions and the biased tutor's exercises (text.py);
   2. tokenizer: byte-level BPE trained with `tokenizers` on that text, with the project's "plain"
      chat tokens (<|user|> ... <|end|>) and one token for each fixed piece of the prompts the recipe
      sends (the search prompts' instructions, the JSON skeleton of a reply). A tiny model then
@@ -37,7 +37,20 @@ import torch.nn.functional as F
 from minihuatuo.engine.checkpoint import save_model
 from minihuatuo.engine.model import ModelConfig, build_model
 from minihuatuo.engine.tokenizer import ChatTemplate
-from minihuatuo.services.config import add_config_args, build_config
+from minihuatuo.services.config import (
+    ConfigError,
+    add_config_args,
+    build_config,
+    nonnegative_int,
+    positive_int,
+    require_choice,
+    require_finite,
+    require_fraction,
+    require_nonnegative,
+    require_positive,
+    require_seed,
+    seed_int,
+)
 from minihuatuo.stages.evaluate import FREE_PROMPT
 from minihuatuo.stages.problem_prompts import TOO_EASY_PROMPT
 from minihuatuo.stages.search_prompts import SearchPrompts
@@ -77,7 +90,7 @@ class PretrainConfig:
     bf16: bool = True  # bf16 autocast (fp32 master weights); on this CPU 1.4-1.5x faster (notes/world.md)
     threads: int = 0  # torch threads; 0 = torch's default
     seed: int = 0  # model init and data order (the corpus has its own seed below)
-    # the corpus (world_text.CorpusConfig: documents of each kind)
+    # the corpus (text.CorpusConfig: documents of each kind)
     textbook_passes: int = CorpusConfig.textbook_passes
     fact_questions: int = CorpusConfig.fact_questions
     init_exercises: int = CorpusConfig.init_exercises
@@ -86,11 +99,25 @@ class PretrainConfig:
     mcq_exercises: int = CorpusConfig.mcq_exercises
     free_mcq_exercises: int = CorpusConfig.free_mcq_exercises
     corpus_seed: int = 0
-    # the tutor's habits (world_tutor.TutorConfig)
+    # the tutor's habits (tutor.TutorConfig)
     anchor: float = TutorConfig.anchor
     skip_check: float = TutorConfig.skip_check
     slip: float = TutorConfig.slip
     alias: float = TutorConfig.alias
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_finite(self)
+        require_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                         "context", "vocab_size", "steps", "batch_size", "lr")
+        if self.hidden_size % (2 * self.num_attention_heads):  # RoPE rotates pairs: an even head size
+            raise ConfigError(("hidden_size", "num_attention_heads"), f"hidden_size ({self.hidden_size}) must be a "
+                              f"multiple of 2 × num_attention_heads ({self.num_attention_heads})")
+        require_fraction(self, "warmup_ratio", "min_lr_ratio", "anchor", "skip_check", "slip", "alias")
+        require_choice(self, "schedule", ("cosine", "linear"))
+        require_nonnegative(self, "weight_decay", "max_grad_norm", "threads", "textbook_passes", "fact_questions",
+                            "init_exercises", "refine_exercises", "direct_exercises", "mcq_exercises",
+                            "free_mcq_exercises")
+        require_seed(self, "seed", "corpus_seed")
 
     def corpus(self) -> CorpusConfig:
         names = {f.name for f in dataclasses.fields(CorpusConfig)} - {"seed"}
@@ -311,22 +338,22 @@ def add_cli(sub) -> None:
     t.add_argument("--out", default=str(WORLD_DIR / "base"), help="checkpoint directory (default data/world/base)")
     t.add_argument("--size", default="base", choices=sorted(SIZES), help="preset: base (shipped) or tiny (smoke test)")
     t.add_argument("--kb", default=str(DEFAULT_KB), help="knowledge base (default data/world/kb.json)")
-    t.add_argument("--eval", type=int, default=0, metavar="N", help="then evaluate on N held-out questions")
+    t.add_argument("--eval", type=nonnegative_int, default=0, metavar="N", help="then evaluate on N held-out questions")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_args(t, PretrainConfig)
     t.set_defaults(func=cmd_pretrain)
     e = wsub.add_parser("exam", help="write the world's MCQs (train, held-out) and its alias file")
     e.add_argument("--out", required=True, metavar="DIR")
-    e.add_argument("--n-train", type=int, default=2000)
-    e.add_argument("--n-heldout", type=int, default=500)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--n-train", type=positive_int, default=2000)
+    e.add_argument("--n-heldout", type=positive_int, default=500)
+    e.add_argument("--seed", type=seed_int, default=0)
     e.add_argument("--kb", default=str(DEFAULT_KB))
     e.set_defaults(func=cmd_exam)
     v = wsub.add_parser("eval", help="held-out accuracy of a checkpoint: chain of thought, direct answer, MCQ")
     v.add_argument("--model", default=str(WORLD_DIR / "base"), help="checkpoint (default data/world/base)")
-    v.add_argument("--n", type=int, default=500, help="held-out questions")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--n", type=positive_int, default=500, help="held-out questions")
+    v.add_argument("--seed", type=seed_int, default=0)
+    v.add_argument("--batch-size", type=positive_int, default=32)
     v.add_argument("--kb", default=str(DEFAULT_KB))
     v.add_argument("--out", default=None, metavar="FILE", help="write the report as JSON")
     v.set_defaults(func=cmd_world_eval)

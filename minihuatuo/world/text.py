@@ -1,7 +1,7 @@
 """The world's pretraining text: a textbook, fact questions and the tutor's exercises (issue 8).
 
 The base model learns *facts* from correct text (the textbook and one-hop fact questions) and
-*habits of reasoning* from the biased tutor's worked exercises (world_tutor.py). Every chat-shaped
+*habits of reasoning* from the biased tutor's worked exercises (tutor.py). Every chat-shaped
 exercise is rendered with the prompts the recipe really sends, so that the base model can serve
 each stage of the demo through the ordinary `LocalBackend`:
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from minihuatuo.services.config import require_nonnegative, require_seed
 from minihuatuo.stages.evaluate import FREE_PROMPT, render_prompt
 from minihuatuo.stages.problem_prompts import TOO_EASY_PROMPT, render_mcq
 from minihuatuo.stages.search_prompts import SearchPrompts
@@ -40,6 +41,11 @@ class CorpusConfig:
     mcq_exercises: int = 1500  # the too-easy filter's prompt
     free_mcq_exercises: int = 600  # the MCQ evaluation's prompt
     seed: int = 0
+
+    def __post_init__(self):  # the rules of the values (services/config.py): 0 documents of a kind = none
+        require_nonnegative(self, "textbook_passes", "fact_questions", "init_exercises", "refine_exercises",
+                            "direct_exercises", "mcq_exercises", "free_mcq_exercises")
+        require_seed(self, "seed")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import json
 import random
 from dataclasses import dataclass, field, replace
 
+from minihuatuo.services.config import ConfigError, require_fraction
 from minihuatuo.services.replies import render
 from minihuatuo.services.response_format import think_then_answer
 from minihuatuo.stages.search import allowed_strategies
@@ -55,6 +56,12 @@ class TutorConfig:
     # P(a refinement finds and fixes the mistakes), per strategy (§3.1's four strategies)
     fix: dict = field(default_factory=lambda: {"Exploring New Paths": 0.6, "Backtracking": 0.65,
                                                "Verification": 0.75, "Correction": 0.7})
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_fraction(self, "anchor", "skip_check", "slip", "alias")
+        for strategy, p in self.fix.items():
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+                raise ConfigError("fix", f"{strategy}: expected a number in [0, 1], got {p!r}")
 
 
 @dataclass(frozen=True)

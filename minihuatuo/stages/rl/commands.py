@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from minihuatuo.services.config import add_config_args, build_config
+from minihuatuo.services.config import add_config_args, build_config, nonnegative_int
 from minihuatuo.services.reward import add_verifier_args, build_verifier
 from minihuatuo.stages.rl import dpo, grpo, ppo, ppo_run, rloo
 from minihuatuo.training.run_dir import add_output_args
@@ -75,7 +75,7 @@ def add_cli(sub) -> None:
                                                         "classifier checkpoint; default: the policy's weights")
     _add_verifier_and_preset(p, ppo.PRESETS, "official")
     add_output_args(p, "update")
-    p.add_argument("--max-updates", type=int, default=0, help="stop after this many updates (0 = all)")
+    p.add_argument("--max-updates", type=nonnegative_int, default=0, help="stop after this many updates (0 = all)")
     add_config_args(p, ppo.PPOConfig)
     p.set_defaults(func=cmd_ppo)
 
@@ -91,7 +91,7 @@ def add_cli(sub) -> None:
                                                     "trainer/: optimizer, state), metrics.jsonl")
         _add_verifier_and_preset(p, module.PRESETS, "official")
         add_output_args(p, "update")
-        p.add_argument("--max-updates", type=int, default=0, help="stop after this many updates (0 = all)")
+        p.add_argument("--max-updates", type=nonnegative_int, default=0, help="stop after this many updates (0 = all)")
         add_config_args(p, conf)
         p.set_defaults(func=cmd)
 
@@ -106,7 +106,8 @@ def add_cli(sub) -> None:
                                                              "before a torchrun training)")
     _add_verifier_and_preset(p, dpo.PRESETS, "paper")
     add_output_args(p, "step")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = all)")
+    p.add_argument("--max-steps", type=nonnegative_int, default=0,
+                   help="stop after this many optimizer steps (0 = all)")
     add_config_args(p, dpo.DPOConfig)
     p.set_defaults(func=cmd_dpo)
 

@@ -27,7 +27,15 @@ from tqdm import tqdm
 from minihuatuo.engine.checkpoint import load_model
 from minihuatuo.engine.sample import left_pad
 from minihuatuo.engine.tokenizer import Tokenizer
-from minihuatuo.services.formats import X_KEY, Y_KEY, read_problems
+from minihuatuo.services.config import (
+    require_finite,
+    require_fraction,
+    require_nonnegative,
+    require_positive,
+    require_range,
+    require_seed,
+)
+from minihuatuo.services.formats import X_KEY, Y_KEY
 from minihuatuo.services.records import FormatError, JsonlAppender, read_records
 from minihuatuo.services.reward import RewardConfig, rewards
 from minihuatuo.stages.rl.rollout import (
@@ -36,6 +44,7 @@ from minihuatuo.stages.rl.rollout import (
     encode_prompt,
     in_chunks,
     masks_from_last,
+    read_rl_problems,
     response_logprobs,
     rollout,
 )
@@ -71,9 +80,15 @@ class DPOConfig:
     seed: int = 42  # sampling and pair order
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at the end)
 
-    def __post_init__(self):
-        if self.samples_per_problem < 2:
-            raise ValueError(f"samples_per_problem must be >= 2 to form a pair, got {self.samples_per_problem}")
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_finite(self)
+        require_range(self, 2, None, "samples_per_problem")  # a pair needs two samples
+        require_positive(self, "response_length", "max_prompt_length", "temperature", "sample_batch_size", "beta",
+                         "lr", "batch_size", "micro_batch_size", "epochs", "max_grad_norm", "adam_eps")
+        require_nonnegative(self, "pairs_per_problem", "save_every")
+        require_fraction(self, "warmup_ratio")
+        require_range(self, 0, 0.5, "label_smoothing")  # TRL's range: at 0.5 the loss no longer prefers a side
+        require_seed(self, "seed")
 
 
 PRESETS = {
@@ -256,7 +271,7 @@ def train(cfg: DPOConfig, policy_dir, data_path, out_dir, verifier, pairs_path=N
     run = None if pairs_only else RunDir("dpo", out, "step", d, resume=resume, overwrite=overwrite)
     pairs_path = Path(pairs_path) if pairs_path else out / "pairs.jsonl"
     tokenizer = Tokenizer.from_dir(policy_dir)
-    items = read_problems(data_path)
+    items = read_rl_problems(data_path)
     policy = load_model(policy_dir, dtype=torch.float32, device=d.device)  # = π_SFT until the first step
     if d.world == 1:
         stats = build_pairs(cfg, policy, tokenizer, items, verifier, pairs_path, reward_cfg)

@@ -29,6 +29,15 @@ import torch.nn as nn
 
 from minihuatuo.engine import kernels
 from minihuatuo.engine.reference_kernels import token_logprobs_and_entropy
+from minihuatuo.services.config import (
+    ConfigError,
+    require_choice,
+    require_finite,
+    require_fraction,
+    require_nonnegative,
+    require_positive,
+    require_seed,
+)
 from minihuatuo.services.reward import RewardConfig
 from minihuatuo.stages.rl.rollout import (
     Rollout,
@@ -83,6 +92,22 @@ class PPOConfig:
     value_head: str = "separate"  # "separate" critic network (official) or "shared" (a head on the policy trunk)
     seed: int = 42
     save_every: int = 20  # updates between checkpoints (official save_steps 20)
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_finite(self)  # entropy_coef: any finite number
+        require_positive(self, "response_length", "max_prompt_length", "batch_size", "micro_batch_size",
+                         "num_mini_batches", "ppo_epochs", "total_episodes", "lr", "temperature", "max_grad_norm",
+                         "adam_eps")
+        require_nonnegative(self, "beta", "clip", "clip_value", "vf_coef", "missing_stop_penalty", "save_every")
+        require_fraction(self, "warmup_ratio", "gamma", "lam")
+        require_seed(self, "seed")
+        require_choice(self, "stop_tokens", ("eos_token", "all"))
+        require_choice(self, "score_slot", ("after_stop", "last"))
+        require_choice(self, "whiten_scope", ("rank", "global"))
+        require_choice(self, "value_head", ("separate", "shared"))
+        if self.num_mini_batches > self.batch_size:  # each optimizer step needs a rollout
+            raise ConfigError(("num_mini_batches", "batch_size"), f"num_mini_batches ({self.num_mini_batches}) "
+                              f"cannot exceed batch_size ({self.batch_size})")
 
 
 # The preset vocabulary of every RL command (notes/rl_variants.md § Presets): `official` = the authors'

@@ -15,10 +15,9 @@ import torch
 
 from minihuatuo.engine.checkpoint import CheckpointError, load_model
 from minihuatuo.engine.tokenizer import Tokenizer
-from minihuatuo.services.formats import read_problems
 from minihuatuo.services.reward import RewardConfig
 from minihuatuo.stages.rl.ppo import ActorCritic, PPOConfig, update
-from minihuatuo.stages.rl.rollout import adamw, policy_and_reference, update_postfix
+from minihuatuo.stages.rl.rollout import adamw, policy_and_reference, read_rl_problems, update_postfix
 from minihuatuo.training.checkpoints import load_actor_critic, save_actor_critic, save_dtype_of
 from minihuatuo.training.distributed import init_distributed, wrap_model
 from minihuatuo.training.loop import run_updates
@@ -97,7 +96,7 @@ def train(cfg: PPOConfig, policy_dir, data_path, out_dir, verifier, value_dir=No
     save_dtype = save_dtype_of(save_dtype)
     run = RunDir("ppo", out_dir, "update", d, resume=resume, overwrite=overwrite)
     tokenizer = Tokenizer.from_dir(policy_dir)
-    items = read_problems(data_path)
+    items = read_rl_problems(data_path, cfg.batch_size, cfg.drop_last)
     ac, ref = build_models(cfg, policy_dir, value_dir, d.device)
     for model in (ac.policy, ac.critic, ref):
         if model is not None:

@@ -25,6 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
+from minihuatuo.services.config import (
+    ConfigError,
+    require_choice,
+    require_finite,
+    require_fraction,
+    require_nonnegative,
+    require_positive,
+    require_range,
+    require_seed,
+)
 from minihuatuo.services.reward import RewardConfig
 from minihuatuo.stages.rl.rollout import (
     Rollout,
@@ -69,12 +79,22 @@ class RLOOConfig:
     seed: int = 42
     save_every: int = 20  # updates between checkpoints
 
-    def __post_init__(self):
-        if self.rloo_k < 2:
-            raise ValueError(f"rloo_k must be >= 2 (the leave-one-out baseline needs another sample), "
-                             f"got {self.rloo_k}")
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_finite(self)
+        require_range(self, 2, None, "rloo_k")  # the leave-one-out baseline needs another sample
+        require_positive(self, "response_length", "max_prompt_length", "batch_size", "micro_batch_size",
+                         "num_mini_batches", "ppo_epochs", "total_episodes", "lr", "temperature", "max_grad_norm",
+                         "adam_eps")
+        require_nonnegative(self, "beta", "clip", "missing_stop_penalty", "save_every")
+        require_fraction(self, "warmup_ratio")
+        require_seed(self, "seed")
+        require_choice(self, "stop_tokens", ("eos_token", "all"))
         if self.batch_size % self.rloo_k:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of rloo_k {self.rloo_k}")
+            raise ConfigError(("batch_size", "rloo_k"), f"batch_size ({self.batch_size}) must be a multiple of "
+                              f"rloo_k ({self.rloo_k})")
+        if self.num_mini_batches > self.batch_size:  # each optimizer step needs a rollout
+            raise ConfigError(("num_mini_batches", "batch_size"), f"num_mini_batches ({self.num_mini_batches}) "
+                              f"cannot exceed batch_size ({self.batch_size})")
 
 
 # The preset vocabulary of every RL command (notes/rl_variants.md § Presets): `official` = the authors'

@@ -57,6 +57,19 @@ class Rollout:
 
 # ----------------------------------------------------------------------------- the prompt stream
 
+def read_rl_problems(path, prompts_per_batch: int = 1, drop_last: bool = False) -> list:
+    """The verifiable problems of an RL run's --data; an empty file is an error (there is nothing to
+    train), and so, with drop_last, is one that cannot fill a single batch of distinct prompts — said
+    here, before anything of a previous run in --out is replaced, not at the first update."""
+    items = read_problems(path)
+    if not items:
+        raise ValueError(f"{path}: no problems; nothing to train")
+    if drop_last and len(items) < prompts_per_batch:
+        raise ValueError(f"{path}: {len(items)} problems cannot fill one batch of {prompts_per_batch} distinct "
+                         f"prompts (drop_last); use a smaller batch_size or drop_last false")
+    return items
+
+
 def _epoch_order(n_items: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
@@ -297,7 +310,8 @@ def train_policy(name: str, update, cfg, policy_dir, data_path, out_dir, verifie
     save_dtype = save_dtype_of(save_dtype)
     run = RunDir(name, out_dir, "update", d, resume=resume, overwrite=overwrite)
     tokenizer = Tokenizer.from_dir(policy_dir)
-    items = read_problems(data_path)
+    copies = getattr(cfg, "rloo_k", None) or getattr(cfg, "group_size", 1)  # samples per prompt
+    items = read_rl_problems(data_path, cfg.batch_size // copies, cfg.drop_last)
     policy, ref = policy_and_reference(policy_dir, d.device)
     policy = wrap_model(policy, "ddp", d)
     optimizer = adamw(policy, cfg)
