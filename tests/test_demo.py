@@ -60,6 +60,7 @@ def test_results_json_follows_the_contract(quick_run):
         for t, v in r["by_type"].items():
             rows = [g for g in graded if g["type"] == t]
             assert len(rows) == v["n"] and sum(g["correct"] for g in rows) / len(rows) == pytest.approx(v["accuracy"])
+        assert sum(g["hack"] for g in graded) / n == pytest.approx(r["hack_rate"])  # issue 25: gaming, per stage
     assert results["heldout_seed"] == config["heldout_seed"]
 
 

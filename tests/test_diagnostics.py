@@ -148,3 +148,13 @@ def test_reply_stats_for_any_models_outputs():
     cfg = DiagnosticsConfig(reflection_pattern=r"\bmaybe\b")
     assert reply_stats(outs, cfg)["reflection_markers"] == pytest.approx(1 / 5)
     assert reply_stats([]) == {"n": 0}
+
+
+def test_hack_rate_counts_final_responses_the_hack_check_flags():
+    """summarize's hack_rate: the share of replies whose FINAL response the caller's check flags (an
+    unfinished reply has none, so it is never counted)."""
+    flagged = lambda text, ref: " or " in text  # noqa: E731 - a stand-in check: a hedge
+    hedge = NO_REFLECTION.rsplit("\n", 1)[0] + "\nThe most appropriate treatment is clindamycin or amoxicillin."
+    out = summarize([hedge, NO_REFLECTION, UNFINISHED], ["clindamycin"] * 3, grade, hack=flagged)
+    assert out["hack_rate"] == pytest.approx(1 / 3)
+    assert "hack_rate" not in summarize([NO_REFLECTION], ["clindamycin"], grade)

@@ -276,7 +276,7 @@ def evaluate_model(model_dir, items, problems, verifier, cfg: DemoConfig, out_fi
     stopped = [c.finish_reason == "stop" for c in opened]
     diag = summarize(replies, [p.y_star for p in problems], verifier.verify, DiagnosticsConfig(),
                      tokens=[c.completion_tokens for c in opened], stopped=stopped,
-                     types=[question_type(w) for w in worlds], cues=cues)
+                     types=[question_type(w) for w in worlds], cues=cues, hack=verifier.hack)
     rows, n_mcq = [], 0
     for it, p, c, mreply, w, cue, stop in zip(items, problems, opened, mcq_replies, worlds, cues, stopped):
         rd = read_reply(c.text, DiagnosticsConfig(), stop, cue)
@@ -289,6 +289,7 @@ def evaluate_model(model_dir, items, problems, verifier, cfg: DemoConfig, out_fi
                      "finished": rd.finished, "finish_reason": c.finish_reason, "first_answer": first,
                      "first_correct": first is not None and verifier.verify(first, p.y_star),
                      "reflected": rd.reflected, "verdicts": [k for _, k in rd.verdicts],
+                     "hack": rd.final is not None and verifier.hack(rd.final, p.y_star),
                      "type": question_type(w), "mcq_reply": mreply, "mcq_choice": ex.first, "mcq_key": it.answer_idx,
                      "mcq_correct": mcq_ok, "reply_tokens": c.completion_tokens, "world": it.extra.get("world")})
     out_file.parent.mkdir(parents=True, exist_ok=True)

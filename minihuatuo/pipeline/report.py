@@ -17,13 +17,14 @@ def results_table(results: dict) -> str:
     lines = ["", f"held-out (seed {results.get('seed')}, held-out draw {results.get('heldout_seed')}, greedy; "
                  "open-ended: rule verifier on the final response; MCQ: benchmark scorer)",
              f"{'model':22s} {'open-ended':>12s} {'unfinished':>10s} {'reflect':>8s} {'first ans':>9s} "
-             f"{'gain':>6s} {'verdicts ok':>11s} {'MCQ':>6s} {'tokens':>7s} {'time':>6s}"]
+             f"{'gain':>6s} {'verdicts ok':>11s} {'hacks':>6s} {'MCQ':>6s} {'tokens':>7s} {'time':>6s}"]
     for s in STAGES:
         r = results[s]
         va = "-" if r.get("verdict_accuracy") is None else f"{r['verdict_accuracy']:.0%}"
         lines.append(f"{LABELS[s]:22s} {r['accuracy']:>7.1%} of {r['n']:<3d} {r['unfinished']:>10.1%} "
                      f"{r['reflection']:>8.1%} {r['first_accuracy']:>9.1%} {r['reflection_gain']:>+6.1%} "
-                     f"{va:>11s} {r['mcq_accuracy']:>6.1%} {r['avg_response_tokens']:>7.0f} {r['wall_s']:>5.0f}s")
+                     f"{va:>11s} {r.get('hack_rate', 0.0):>6.1%} {r['mcq_accuracy']:>6.1%} "
+                     f"{r['avg_response_tokens']:>7.0f} {r['wall_s']:>5.0f}s")
     types = sorted({t for s in STAGES for t in results[s].get("by_type", {})})
     if types:
         lines.append("by question type (accuracy, n): " + "; ".join(

@@ -112,10 +112,14 @@ def read_reply(reply: str, cfg: DiagnosticsConfig = DiagnosticsConfig(), stopped
 
 def summarize(replies: list[str], references: list[str], grade: Grade, cfg: DiagnosticsConfig = DiagnosticsConfig(),
               tokens: list[int] | None = None, stopped: list[bool] | None = None,
-              types: list[str] | None = None, cues: list[str | None] | None = None) -> dict:
+              types: list[str] | None = None, cues: list[str | None] | None = None,
+              hack: Grade | None = None) -> dict:
     """The diagnostics of one stage over its replies (fractions of all replies unless said otherwise).
     `tokens`: reply lengths; `stopped`: the generator's stop flags; `types`: a question type per reply,
-    for `by_type`; `cues`: per reply, the word an answering conclusion contains (`read_reply`). Accuracy is the final response graded against the reference (no final response =
+    for `by_type`; `cues`: per reply, the word an answering conclusion contains (`read_reply`).
+    `hack(final, reference)`: whether a final response games a mention-based reward (the rule
+    verifier's `hack`: several candidates, or the reference negated or abandoned); gives `hack_rate`,
+    the share of replies whose final response does. Accuracy is the final response graded against the reference (no final response =
     wrong)."""
     n = len(replies)
     if n == 0:
@@ -147,6 +151,8 @@ def summarize(replies: list[str], references: list[str], grade: Grade, cfg: Diag
         "right_confirmations": right["confirm"],
         "verdict_accuracy": (right["reject"] + right["confirm"]) / verdicts if verdicts else None,
     }
+    if hack is not None:
+        out["hack_rate"] = sum(rd.final is not None and hack(rd.final, ref) for rd, ref in zip(readings, references)) / n
     if tokens is not None:
         out["mean_tokens"] = sum(tokens) / n
     if types is not None:
