@@ -24,10 +24,93 @@ from minihuatuo.services.config import nonnegative_float, nonnegative_int, posit
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser with one-line errors, as `main`'s: `minihuatuo CMD: error: MESSAGE`, exit 2
-    (argparse prints its usage first; `--help` shows it). Subcommands' parsers are of this class too."""
+    (argparse prints its usage first; `--help` shows it). Subcommands' parsers are of this class too.
+    `--help` opens with the command's one-line summary and ends with a runnable example (`EXAMPLES`)."""
+
+    summary: str = ""
+    example: str = ""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.summary:
+            text = f"{self.summary}\n\n{text}"
+        if self.example:
+            text = text.rstrip("\n") + f"\n\n{self.example}\n"
+        return text
+
+
+# One runnable example per command, run from a clone's root: the bundled world's files, or what the
+# example of an earlier step of the recipe writes (the line above the command says which).
+# tests/test_cli.py checks that every command has one, that it parses, and that its data/ files exist.
+_RECIPE = "the recipe on the bundled world, step by step (each step reads what the one before wrote)"
+EXAMPLES = {
+    "minihuatuo": "example (the whole recipe on the bundled world, about 2 minutes on 2 cores):\n"
+                  "  minihuatuo demo --quick --out demo_quick",
+    "generate": "example:\n  minihuatuo generate --model data/world/base --temperature 0 --prompt \"A 58-year-old "
+                "woman presents with pleuritic chest pain, tachycardia and sudden breathlessness. What is the most "
+                "likely diagnosis?\"",
+    "chat": "example:\n  minihuatuo chat --model data/world/base --temperature 0",
+    "verify": "example (prints True: an alias of the reference):\n  minihuatuo verify --aliases data/world/aliases.tsv "
+              "--response \"The most likely diagnosis is PE.\" --reference \"pulmonary embolism\"",
+    "verifier-eval": "example (after `minihuatuo world pairs --adversarial --n 500 --seed 1 --out pairs.jsonl`):\n"
+                     "  minihuatuo verifier-eval --data pairs.jsonl --aliases data/world/aliases.tsv",
+    "world": "example:\n  minihuatuo world exam --out exam",
+    "world pretrain": "example (a fresh tiny base model, about a minute):\n  minihuatuo world pretrain --size tiny "
+                      "--out tiny_base",
+    "world exam": f"example ({_RECIPE}: 1):\n  minihuatuo world exam --out exam --n-train 300 --n-heldout 100",
+    "world eval": "example:\n  minihuatuo world eval --model data/world/base --n 100",
+    "world pairs": "example:\n  minihuatuo world pairs --adversarial --n 500 --seed 1 --out pairs.jsonl",
+    "verifier": "example (after `minihuatuo world pairs --n 4000 --seed 1 --out pairs.jsonl`):\n"
+                "  minihuatuo verifier train --model data/world/base --pairs pairs.jsonl --out verifier "
+                "--preset tiny-world",
+    "verifier train": "example (after `minihuatuo world pairs --n 4000 --seed 1 --out pairs.jsonl`; then "
+                      "`minihuatuo verify --verifier classifier --model verifier/final --pairs pairs.jsonl`):\n"
+                      "  minihuatuo verifier train --model data/world/base --pairs pairs.jsonl --out verifier "
+                      "--preset tiny-world",
+    "problems": "example:\n  minihuatuo problems build --mcq exam/train.jsonl --out problems --filter-model data/world/base",
+    "problems build": f"example ({_RECIPE}: 2, after `minihuatuo world exam --out exam`):\n"
+                      "  minihuatuo problems build --mcq exam/train.jsonl --out problems --filter-model data/world/base",
+    "search": f"example ({_RECIPE}: 3, after `minihuatuo problems build ... --out problems`):\n"
+              "  minihuatuo search --data problems/search.json --out search --search-checkpoint data/world/base "
+              "--verifier rule --aliases data/world/aliases.tsv --reformat template --max-tokens 384",
+    "sft": f"example ({_RECIPE}: 4, after `minihuatuo search ... --out search`):\n"
+           "  minihuatuo sft --model data/world/base --data search/sft.jsonl --out sft --preset tiny-world",
+    "ppo": f"example ({_RECIPE}: 5, after `minihuatuo sft ... --out sft`):\n"
+           "  minihuatuo ppo --policy sft/final --data problems/rl.json --out ppo --preset tiny-world "
+           "--verifier rule --aliases data/world/aliases.tsv",
+    "rloo": "example (after `minihuatuo sft ... --out sft`, as for ppo):\n"
+            "  minihuatuo rloo --policy sft/final --data problems/rl.json --out rloo --preset tiny-world "
+            "--verifier rule --aliases data/world/aliases.tsv",
+    "grpo": "example (after `minihuatuo sft ... --out sft`, as for ppo):\n"
+            "  minihuatuo grpo --policy sft/final --data problems/rl.json --out grpo --preset tiny-world "
+            "--verifier rule --aliases data/world/aliases.tsv",
+    "dpo": "example (after `minihuatuo sft ... --out sft`, as for ppo):\n"
+           "  minihuatuo dpo --policy sft/final --data problems/rl.json --out dpo --preset tiny-world "
+           "--verifier rule --aliases data/world/aliases.tsv",
+    "eval": "example (after `minihuatuo world exam --out exam`; generates with the model, then scores):\n"
+            "  minihuatuo eval --data exam/heldout.jsonl --outputs outputs.jsonl --model data/world/base --limit 50",
+    "serve": "example (then POST http://127.0.0.1:8000/v1/chat/completions):\n"
+             "  minihuatuo serve --model data/world/base --port 8000",
+    "demo": "example:\n  minihuatuo demo --quick --out demo_quick",
+}
+
+
+def add_help_texts(parser: argparse.ArgumentParser, path: str = "minihuatuo", summary: str = "") -> None:
+    """Each (sub)command's summary (its `help=` line in the parent's list) and example (EXAMPLES),
+    walked once when the parser is built, so that the command modules keep declaring only flags."""
+    if not summary:  # the top level: its description is the summary
+        summary, parser.description = parser.description or "", None
+    parser.summary = summary
+    parser.example = EXAMPLES.get(path.removeprefix("minihuatuo ") if path != "minihuatuo" else path, "")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                help_line = helps.get(name) or ""
+                add_help_texts(sub, f"{path} {name}", help_line if help_line.endswith((".", "?", ")")) else help_line + ".")
 
 
 def _default_device() -> str:
@@ -116,7 +199,8 @@ def cmd_chat(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from minihuatuo import __version__
 
-    parser = Parser(prog="minihuatuo", description=__doc__.splitlines()[0])
+    parser = Parser(prog="minihuatuo", description="HuatuoGPT-o1's recipe from scratch in PyTorch: verifiable "
+                    "problems, strategy search, SFT, PPO with verifier rewards, evaluation; one subcommand per step.")
     parser.add_argument("--version", action="version", version=f"minihuatuo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -134,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     # wiring (one line per module, in the order of the recipe).
     from minihuatuo.pipeline import demo_cli
     from minihuatuo.services import reward, serve
-    from minihuatuo.stages import evaluate, problems, search_cli, sft
+    from minihuatuo.stages import evaluate, problems, search_cli, sft, verifier_train
     from minihuatuo.stages.rl import commands as rl_commands  # ppo, rloo, grpo, dpo
     from minihuatuo.world import pretrain as world_pretrain
 
-    for module in (reward, sft, serve, evaluate, rl_commands, problems, world_pretrain, search_cli, demo_cli):
+    for module in (reward, verifier_train, sft, serve, evaluate, rl_commands, problems, world_pretrain, search_cli,
+                   demo_cli):
         module.add_cli(sub)
+    add_help_texts(parser)
     return parser
 
 

@@ -331,13 +331,13 @@ def test_server_rejects_bad_requests_naming_the_field(start_server):
                           ({"n": 0}, "n"), ({"n": True}, "n"), ({"temperature": "hot"}, "temperature"),
                           ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"), ({"seed": "x"}, "seed"),
                           ({"seed": 10**30}, "seed"), ({"seed": -1}, "seed"),
-                          ({"stream": True}, "stream"), ({"top_p": 0.5}, "top_p")]:
+                          ({"stream": "yes"}, "stream"), ({"top_p": 0}, "top_p")]:
         status, body = post(url, {**ok, **change})
         assert status == 400 and body["error"]["param"] == param, (change, body)
         assert body["error"]["message"].startswith(param)
     assert post(url, None, raw=b"{not json")[0] == 400
     assert post(url, None, raw=b"[1, 2]")[0] == 400
-    assert post(srv.url + "/v1/completions", ok)[0] == 404
+    assert post(srv.url + "/v1/embeddings", ok)[0] == 404
     assert srv.stats.model_calls == 0  # nothing bad reached the model
     with urllib.request.urlopen(srv.url + "/health", timeout=10) as r:
         assert json.loads(r.read()) == {"status": "ok"}

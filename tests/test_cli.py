@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
@@ -186,3 +187,39 @@ def test_config_file_type_errors_name_the_file_and_field(tmp_path):
     (tmp_path / "ok.json").write_text('{"lr": 1}')  # an int where a float is expected is a float
     lr = build_config(SFTConfig, PRESETS, "tiny-world", str(tmp_path / "ok.json")).lr
     assert lr == 1.0 and isinstance(lr, float)
+
+
+def test_every_help_opens_with_a_summary_and_ends_with_a_runnable_example():
+    """Issue 21 point 7: `minihuatuo CMD --help` says in its first line what CMD does and ends with an
+    example that parses with the real parser and names only files that exist or that an earlier step
+    of the recipe writes."""
+    import argparse
+    import shlex
+
+    from minihuatuo.cli import build_parser
+
+    def walk(parser, path):
+        yield path, parser
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    yield from walk(sub, path + [name])
+
+    seen = 0
+    for path, parser in walk(build_parser(), ["minihuatuo"]):
+        lines = parser.format_help().rstrip("\n").splitlines()
+        assert lines[0] and not lines[0].startswith("usage") and lines[1] == "", (path, lines[:2])
+        assert lines[0][0].isalpha() and lines[0].endswith((".", "?", ")")), (path, lines[0])
+        assert lines[-2].startswith("example") and lines[-1].startswith("  minihuatuo "), (path, lines[-2:])
+        argv = shlex.split(lines[-1])[1:]
+        if len(path) > 1:  # the example is of this command
+            assert argv[:len(path) - 1] == path[1:] or path[-1] in ("world", "problems"), (path, argv)
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f"{' '.join(path)}: its example does not parse: {lines[-1]}") from e
+        for word in argv:
+            if word.startswith("data/"):
+                assert (Path(__file__).resolve().parents[1] / word).exists(), (path, word)
+        seen += 1
+    assert seen >= 21

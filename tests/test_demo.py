@@ -3,6 +3,7 @@ follows the contract. Accuracy is not asserted here: notes/demo.md reports it fr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -100,6 +101,27 @@ def test_demo_refuses_to_mix_runs(quick_run):
     r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "already holds a demo run" in r.stderr
+
+
+def test_heldout_seed_changes_the_heldout_exam_only(monkeypatch, tmp_path):
+    """The contract's `--heldout-seed S`: a new held-out exam, the same training exam and the same
+    stage configs (the protocol of notes/demo.md §9 rests on it)."""
+    from minihuatuo.pipeline import demo
+
+    seen = {}
+
+    def stop_after_exam(cfg, out, train_items, verifier, timings):
+        seen[cfg.heldout_seed] = ([(it.id, it.question, it.extra["world"]) for it in train_items],
+                                  {k: v for k, v in dataclasses.asdict(cfg).items() if k != "heldout_seed"})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "huatuo_o1", stop_after_exam)
+    for s in (1000, 2001):
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(demo.DemoConfig(n_train=200, heldout_seed=s), tmp_path / str(s))
+    assert seen[1000] == seen[2001]
+    held = [(tmp_path / str(s) / "heldout.json").read_text(encoding="utf-8") for s in (1000, 2001)]
+    assert held[0] != held[1]
 
 
 def test_demo_settings_reach_the_training_exam_and_ppo(monkeypatch, tmp_path):

@@ -400,3 +400,112 @@ def test_cli_reply_diagnostics_per_source(tmp_path):
     r = run("eval", "--data", str(data), "--outputs", str(outputs), "--report", str(report),
             "--reflection-pattern", r"\bclearly\b")
     assert json.loads(report.read_text())["replies"]["MedQA"]["reflection_markers"] == 0.25
+
+
+# ---------------------------------------------------------------------------------------------------
+# outputs without our ids (the official eval.py's file) and generation through a server (issue 21)
+
+def official_records(outputs: dict[str, str], order=None, drop=()) -> list[dict]:
+    """Records as the official eval.py writes them: the data's items with an "output" field, no id."""
+    by_id = {it.id: it for it in items()}
+    return [{"question": by_id[i].question, "options": by_id[i].options, "answer_idx": by_id[i].answer_idx,
+             "output": outputs.get(i, "")} for i in (order or list(by_id)) if i not in drop]
+
+
+def test_outputs_without_ids_are_matched_by_position_then_by_question(tmp_path):
+    from minihuatuo.stages.evaluate import match_outputs, read_output_records
+
+    def match(records):
+        path = tmp_path / "out.json"
+        path.write_text(json.dumps(records))
+        return match_outputs(items(), read_output_records(path), path)
+
+    expected = score(items(), OUTPUTS)["items"]
+    # position: one record per item, in the data's order (q3 has an empty output: wrong either way)
+    outputs, how = match(official_records(OUTPUTS))
+    assert how == "position" and outputs == {**{k: v for k, v in OUTPUTS.items() if k != "zz"}, "q3": ""}
+    assert [r["last"] for r in score(items(), outputs)["items"]] == [r["last"] for r in expected]
+    # ids that are not the data's, same count: still by position
+    assert match([{**r, "id": f"x{k}"} for k, r in enumerate(official_records(OUTPUTS))])[1] == "position"
+    # shuffled and one missing: by question; the two items asking "Is it?" are matched in order
+    order = ["p0", "q2", "q0", "p1", "q1"]
+    outputs, how = match(official_records(OUTPUTS, order=order))
+    assert how == "question" and outputs == {i: OUTPUTS[i] for i in order}
+    # the same count but in another order: the questions disagree with the positions, so by question
+    outputs, how = match(official_records(OUTPUTS, order=["q1", "q0", "q2", "q3", "p0", "p1"]))
+    assert how == "question" and outputs["q1"] == OUTPUTS["q1"] and outputs["q0"] == OUTPUTS["q0"]
+    # "input" and "prompt" carry the question too
+    assert match([{"input": "Question 2?", "output": "C"}, {"prompt": "Question 0?", "output": "A"}]) == \
+        ({"q2": "C", "q0": "A"}, "question")
+    # our own files: by id, unknown ids kept for the report
+    assert match([{"id": "q0", "output": "A"}, {"id": "zz", "output": "B"}]) == ({"q0": "A", "zz": "B"}, "id")
+    with pytest.raises(ValueError, match=r"cannot match its 2 outputs to the 6 items") as e:
+        match([{"question": "Question 0?", "output": "A"}, {"question": "Unknown?", "output": "B"}])
+    assert "\n" not in str(e.value)
+
+
+def test_cli_scores_the_official_output_file_unchanged(tmp_path):
+    data, _ = write_eval_files(tmp_path)
+    official = tmp_path / "official_out.json"  # {source: [items + output]}, as the official eval.py saves
+    groups = {}
+    for rec, it in zip(official_records(OUTPUTS), items()):
+        groups.setdefault(it.source, []).append(rec)
+    official.write_text(json.dumps(groups))
+    report = tmp_path / "r.json"
+    r = run("eval", "--data", str(data), "--outputs", str(official), "--report", str(report))
+    assert r.returncode == 0, r.stderr
+    assert "matched to its items by position" in r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["output_matching"] == "position" and rep["missing_ids"] == []
+    by_hand = score(items(), {**OUTPUTS, "q3": ""})
+    assert [row["last"] for row in rep["items"]] == [row["last"] for row in by_hand["items"]]
+    official.write_text(json.dumps([{"question": "Nothing like it?", "output": "A"}]))
+    r = run("eval", "--data", str(data), "--outputs", str(official))
+    assert r.returncode == 2 and "cannot match its 1 outputs to the 6 items" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_generates_through_an_endpoint_then_resumes(tmp_path, tiny_checkpoint, monkeypatch):
+    """`eval --endpoint` against a real `minihuatuo serve` (in this process, 127.0.0.1): every output
+    equals the local model's greedy reply, the key is sent but never printed, and a rerun asks the
+    server only for what is missing."""
+    import os
+    import threading
+
+    from minihuatuo.services.backends import ChatRequest, LocalBackend
+    from minihuatuo.services.serve import ChatServer
+    from minihuatuo.stages.evaluate import FREE_PROMPT
+
+    key = "sk-eval-endpoint-TEST-51d0c9"
+    monkeypatch.setenv("MINIHUATUO_EVAL_KEY", key)
+    local = LocalBackend.from_dir(tiny_checkpoint, batch_size=4)
+    srv = ChatServer(local, "127.0.0.1", 0, "tiny", api_key_env="MINIHUATUO_EVAL_KEY")
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        data, _ = write_eval_files(tmp_path)
+        outputs = tmp_path / "gen.jsonl"
+        args = ["eval", "--data", str(data), "--outputs", str(outputs), "--endpoint", srv.url,
+                "--served-model", "tiny", "--concurrency", "3", "--api-key-env", "MINIHUATUO_EVAL_KEY",
+                "--max-tokens", "6", "--temperature", "0", "--report", str(tmp_path / "r.json")]
+        r = run(*args)
+        assert r.returncode == 0, r.stderr
+        assert "6 new outputs" in r.stderr and key not in r.stderr + r.stdout
+        rows = {row["id"]: row["output"] for row in map(json.loads, outputs.read_text().splitlines())}
+        expected = local.complete([ChatRequest([{"role": "user", "content": render_prompt(it, FREE_PROMPT)}],
+                                               max_tokens=6) for it in items()])
+        assert rows == {it.id: e[0] for it, e in zip(items(), expected)}
+        assert srv.stats.chat_requests == 6 and srv.stats.authorization_headers == 6
+        assert srv.stats.max_in_flight <= 3
+        assert run(*args).returncode == 0 and srv.stats.chat_requests == 6  # resume: nothing asked
+        lines = outputs.read_text().splitlines()
+        outputs.write_text("\n".join(lines[:4]) + "\n")  # an interrupted run: two outputs missing
+        r = run(*args)
+        assert r.returncode == 0 and "2 new outputs" in r.stderr and srv.stats.chat_requests == 8
+        assert {row["id"]: row["output"] for row in map(json.loads, outputs.read_text().splitlines())} == rows
+        assert json.loads((tmp_path / "r.json").read_text())["output_matching"] == "id"
+        r = run(*args[:-4], "--api-key-env", "MINIHUATUO_NO_SUCH_KEY", "--outputs", str(tmp_path / "x.jsonl"))
+        assert r.returncode == 1 and "HTTP 401" in r.stderr and "Traceback" not in r.stderr
+        assert os.environ["MINIHUATUO_EVAL_KEY"] == key
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from minihuatuo.services.config import ConfigError
 from minihuatuo.services.formats import X_KEY, Y_KEY, MCQItem, read_problems
 from minihuatuo.services.records import read_records
 from minihuatuo.services.replies import ReplyError
@@ -356,6 +357,24 @@ def test_too_easy_filter_all_correct_drops_one_wrong_keeps():
     m4 = Scripted(dict(key))
     too_easy_filter(items, {"m4": m4}, ProblemsConfig(request_chunk=4))
     assert [len(c) for c in m4.calls] == [4, 2]
+
+
+def test_too_easy_keep_keeps_a_seeded_share_of_the_too_easy_items():
+    items = [mcq(f"{VIGNETTE}[{i}] What is the most likely diagnosis?", answer="A", id=f"q{i}") for i in range(400)]
+    right = Scripted({f"{i}": ["The answer is A."] for i in range(400)})
+
+    def kept_ids(keep, seed=0, subset=items):
+        kept, drops = too_easy_filter(subset, {"m": right}, ProblemsConfig(too_easy_keep=keep, seed=seed))
+        assert len(kept) + len(drops) == len(subset) and all(r == "too_easy" for _, r, _ in drops)
+        return [it.id for it in kept]
+
+    assert kept_ids(0.0) == [] and len(kept_ids(1.0)) == 400  # 0 = the paper's filter
+    half = kept_ids(0.5)
+    assert 160 < len(half) < 240  # a binomial(400, 0.5) draw: 4.5 standard deviations either side
+    assert kept_ids(0.5) == half and kept_ids(0.5, seed=1) != half  # seeded
+    assert set(kept_ids(0.25)) < set(half)  # one draw per item: a smaller share keeps a subset
+    with pytest.raises(ConfigError, match="too_easy_keep"):
+        ProblemsConfig(too_easy_keep=1.5)
 
 
 def test_reply_log_makes_a_rerun_free(tmp_path):

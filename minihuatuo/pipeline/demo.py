@@ -66,6 +66,9 @@ class DemoConfig:
     n_heldout: int = 300  # held-out problems (new combinations of findings), graded for each model
     heldout_seed: int = 1000  # fixed apart from `seed`, so that seeds differ in training only
     response_length: int = 384  # new tokens per search reply, PPO rollout and evaluation reply
+    # discard searched trajectories whose reflection says something false of the case (world/
+    # reflection.py): the small search LLM writes them, SFT on them teaches "always reject" (§10)
+    reflection_check: bool = True
     # the *training* exam (world/exam.py); the held-out exam keeps ExamConfig's defaults. Its
     # `contraindicated` (P(a treatment question's named context rules out the first-line drug)): the
     # too-easy filter keeps nearly every contraindicated question and drops about half of those with
@@ -181,7 +184,8 @@ def huatuo_o1(cfg: DemoConfig, out: Path, train_items, verifier, timings: dict) 
     with timed(timings, "problems"):  # §2.1: MCQs -> verifiable problems (x, y*), D_search and D_RL
         built = make_problems(cfg.problems, out / "problems", train_items, base)
     with timed(timings, "search"):  # stage 1, lines 1-12: a correct trajectory per problem, ê and ŷ
-        search_trajectories(cfg.search, out / "search", built.search, base, verifier)
+        worlds = {it.id: it.extra["world"] for it in train_items} if cfg.reflection_check else None
+        search_trajectories(cfg.search, out / "search", built.search, base, verifier, worlds)
     del base
     with timed(timings, "sft"):  # stage 1, line 13: SFT of the base model on (x, ê, ŷ)
         sft_model = fine_tune(cfg.sft, cfg.base, out / "search" / "sft.jsonl", out / "sft")
@@ -199,14 +203,25 @@ def make_problems(problems_cfg: ProblemsConfig, out: Path, train_items, base):
     return built
 
 
-def search_trajectories(search_cfg: SearchConfig, out: Path, problems, base, verifier) -> dict:
+def search_trajectories(search_cfg: SearchConfig, out: Path, problems, base, verifier, worlds=None) -> dict:
     """§3.1: the base model is LLM_init and LLM_k, the rule verifier with the world's aliases judges
     each conclusion, and the template reformatter writes ê and ŷ (search_reformat.py). Writes the
-    SFT file and the two ablation files (simple CoT, direct response) of paper Table 2."""
+    SFT file and the two ablation files (simple CoT, direct response) of paper Table 2. With
+    `worlds` (item id -> the world's record of it), a trajectory whose reflection says something
+    false of its case is discarded (world/reflection.py; notes/demo.md §10), and its faults go to
+    out/false_reflections.jsonl."""
     from minihuatuo.stages.search import run_search
     from minihuatuo.stages.search_cli import format_summary, token_counter, write_outputs
+    from minihuatuo.world.reflection import drop_false_reflections
 
     records = run_search(problems, base, verifier, out, search_cfg, count_tokens=token_counter(base.tokenizer))
+    if worlds is not None:
+        marked = drop_false_reflections(load_kb(DEFAULT_KB), records, worlds)
+        with open(out / "false_reflections.jsonl", "w", encoding="utf-8") as f:
+            for r in marked:
+                f.write(json.dumps({"id": r["id"], "source_id": r["source_id"], "faults": r["search"]["failure_detail"],
+                                    "Complex_CoT": r["Complex_CoT"]}, ensure_ascii=False) + "\n")
+        say(f"reflection check: {len(marked)} trajectories discarded for a false reflection")
     summary = write_outputs(out, records, search_cfg, "base model tokenizer")
     say(format_summary(summary, search_cfg))
     return summary

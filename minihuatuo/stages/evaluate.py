@@ -3,6 +3,11 @@ extracted from its text.
 
     minihuatuo eval --data FILE --outputs OUTPUTS.jsonl --report OUT.json     score existing outputs
     minihuatuo eval --data FILE --model DIR --outputs OUTPUTS.jsonl ...       generate, then score
+    minihuatuo eval --data FILE --endpoint URL --served-model NAME --outputs OUTPUTS.jsonl ...
+                                                       generate through an OpenAI-compatible server, then score
+
+An outputs file is matched to the data by id, else by position, else by question text
+(`match_outputs`), so the official eval.py's output file is scored as it is.
 
 The extraction cascade follows the official scorer (HuatuoGPT-o1 `evaluation/scorer.py`); the code
 and its refinements are ours, each listed in notes/eval.md. For an output (only the part after
@@ -34,6 +39,7 @@ from pathlib import Path
 from minihuatuo.services.config import (
     nonnegative_float,
     nonnegative_int,
+    option_type,
     positive_int,
     require_finite,
     require_nonnegative,
@@ -190,9 +196,83 @@ def read_outputs(path) -> dict[str, str]:
     return out
 
 
-def generate_outputs(items: list[MCQItem], backend, outputs_path, cfg: EvalConfig = EvalConfig()) -> int:
+QUESTION_FIELDS = ("question", "input", "prompt")  # where an id-less output record may carry its question
+
+
+@dataclass
+class OutputRecord:
+    line: int
+    id: str | None  # None: the record carries no id
+    output: str
+    question: str | None  # the first string among QUESTION_FIELDS, else None
+
+
+def read_output_records(path) -> list[OutputRecord]:
+    """Every record of an outputs file, with or without an id: ours ({"id", "output"}) or the official
+    eval.py's (the data's items, each with an "output" field added; a list or {source: [items]})."""
+    out = []
+    for rec in read_records(path):
+        i, o = rec.data.get("id"), rec.data.get("output")
+        if i is not None and (not isinstance(i, (str, int)) or isinstance(i, bool)):
+            raise FormatError(path, rec.line, "id", "not a string or an integer")
+        if not isinstance(o, str):
+            raise FormatError(path, rec.line, "output", "missing or not a string")
+        q = next((rec.data[f] for f in QUESTION_FIELDS if isinstance(rec.data.get(f), str)), None)
+        out.append(OutputRecord(rec.line, None if i is None else str(i), o, q))
+    return out
+
+
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.split()) == " ".join(b.split())  # a file rewritten with other line breaks still matches
+
+
+def match_outputs(items: list[MCQItem], records: list[OutputRecord], path="outputs") -> tuple[dict[str, str], str]:
+    """({item id: output}, how) where how is the first rule that works:
+      "id":       every record has an id and some match the data's ids (outputs of unknown ids are kept,
+                  and reported by `score` as unmatched);
+      "position": as many records as items, record k for item k (refused when a record's question
+                  field disagrees with its item's question);
+      "question": every record's "question" / "input" / "prompt" equals the question of one item
+                  (items asked twice are matched in order).
+    ValueError (one line) when none does."""
+    if not records:
+        return {}, "id"
+    known = {it.id for it in items}
+    if all(r.id is not None for r in records) and any(r.id in known for r in records):
+        out, lines = {}, {}
+        for r in records:
+            if r.id in out:
+                raise FormatError(path, r.line, "id", f"duplicate id {r.id!r} (first at line {lines[r.id]})")
+            out[r.id], lines[r.id] = r.output, r.line
+        return out, "id"
+    if len(records) == len(items) and all(r.question is None or _same_text(r.question, it.question)
+                                          for r, it in zip(records, items)):
+        return {it.id: r.output for it, r in zip(items, records)}, "position"
+    waiting: dict[str, list[str]] = {}  # question -> ids of items not matched yet, in order
+    for it in items:
+        waiting.setdefault(" ".join(it.question.split()), []).append(it.id)
+    out, unmatched = {}, 0
+    for r in records:
+        ids = waiting.get(" ".join(r.question.split())) if r.question is not None else None
+        if ids:
+            out[ids.pop(0)] = r.output
+        else:
+            unmatched += 1
+    if not unmatched:
+        return out, "question"
+    with_ids = sum(r.id is not None for r in records)
+    raise ValueError(f"{path}: cannot match its {len(records)} outputs to the {len(items)} items of the data: "
+                     f"{with_ids} carry an id but none is an item's id, the counts differ (or questions disagree), "
+                     f"and {unmatched} carry no {'/'.join(QUESTION_FIELDS)} field equal to an item's question")
+
+
+def generate_outputs(items: list[MCQItem], backend, outputs_path, cfg: EvalConfig = EvalConfig(),
+                     concurrency: int | None = None) -> int:
     """Ask `backend` every item whose id is not yet in `outputs_path`; append {"id", "output"} lines
-    as each batch completes (a rerun resumes). Returns the number of new outputs."""
+    as each batch completes (a rerun resumes). Returns the number of new outputs.
+    concurrency: for a backend that serves requests independently (an HTTP server): up to that many
+    items in flight, each output appended as soon as it arrives (so one slow reply holds up no
+    others, and an interrupted run loses only the replies in flight)."""
     from tqdm import tqdm
 
     from minihuatuo.services.backends import ChatRequest
@@ -209,13 +289,29 @@ def generate_outputs(items: list[MCQItem], backend, outputs_path, cfg: EvalConfi
         if max_tokens < 1:
             raise ValueError(f"the longest prompt has {longest} tokens, which leaves no room in the model's "
                              f"context of {backend.context_length} tokens")
+    reqs = [ChatRequest(m, n=1, temperature=cfg.temperature, max_tokens=max_tokens) for m in messages]
     with JsonlAppender(outputs_path) as out, tqdm(total=len(todo), desc="eval", unit="item", file=sys.stderr) as bar:
+        if concurrency:
+            from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+            with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="eval") as pool:
+                pending = {pool.submit(backend.complete, [r]): it for it, r in zip(todo, reqs)}
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+                    for f in finished:  # written by this thread only: the appender needs no lock
+                        it = pending.pop(f)
+                        if f.exception() is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise f.exception()
+                        out.write({"id": it.id, "output": f.result()[0][0]})
+                        bar.update(1)
+            return len(todo)
         for s in range(0, len(todo), cfg.batch_size):
-            reqs = [ChatRequest(m, n=1, temperature=cfg.temperature, max_tokens=max_tokens)
-                    for m in messages[s:s + cfg.batch_size]]
-            for it, completions in zip(todo[s:s + cfg.batch_size], backend.complete(reqs)):
+            part = reqs[s:s + cfg.batch_size]
+            for it, completions in zip(todo[s:s + cfg.batch_size], backend.complete(part)):
                 out.write({"id": it.id, "output": completions[0]})
-            bar.update(len(reqs))
+            bar.update(len(part))
     return len(todo)
 
 
@@ -322,7 +418,20 @@ def format_table(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------------
 # command line
 
+def endpoint_base_url(url: str) -> str:
+    """The base URL an OpenAI client wants (up to /v1) from what a user may type: "http://h:8000",
+    "http://h:8000/v1" or the full "http://h:8000/v1/chat/completions"."""
+    url = url.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        url = url.removesuffix(suffix)
+    return url if url.split("://", 1)[-1].count("/") else url + "/v1"
+
+
 def cmd_eval(args) -> int:
+    if args.model and args.endpoint:
+        raise ValueError("--model and --endpoint: pass one (generate locally, or through a server)")
+    if args.endpoint and not args.served_model:
+        raise ValueError("--endpoint needs --served-model NAME: the model name the server serves")
     items = read_mcq(args.data, source=args.source, cop_base=args.cop_base)
     if not items:  # nothing to do is not an error: say so, generate and write nothing, exit 0
         print(f"minihuatuo eval: {args.data} holds no MCQs; nothing to do", file=sys.stderr)
@@ -343,11 +452,27 @@ def cmd_eval(args) -> int:
                                         seed=args.seed)
         n = generate_outputs(items, backend, args.outputs, cfg)
         print(f"eval: {n} new outputs appended to {args.outputs}", file=sys.stderr)
+    elif args.endpoint:
+        from minihuatuo.services.http_client import BackendError, OpenAIBackend
+
+        # No response cache: the outputs file is what makes a rerun resume. The key is read from the
+        # environment variable at each request and is never printed.
+        backend = OpenAIBackend(endpoint_base_url(args.endpoint), args.served_model, api_key_env=args.api_key_env,
+                                timeout=args.request_timeout, concurrency=args.concurrency)
+        try:
+            n = generate_outputs(items, backend, args.outputs, cfg, concurrency=args.concurrency)
+        except BackendError as e:  # the server's own message, one line; what arrived is kept
+            print(f"minihuatuo eval: error: {e}; the outputs received so far are in {args.outputs}, and a rerun "
+                  f"asks only for the others", file=sys.stderr)
+            return 1
+        print(f"eval: {n} new outputs appended to {args.outputs} ({backend.stats.sent} requests to "
+              f"{backend.base_url}, {backend.stats.retries} retries)", file=sys.stderr)
     elif not Path(args.outputs).exists():
-        raise FileNotFoundError(f"{args.outputs}: no such outputs file (pass --model DIR to generate it)")
-    outputs = read_outputs(args.outputs)
+        raise FileNotFoundError(f"{args.outputs}: no such outputs file (pass --model DIR or --endpoint URL to "
+                                f"generate it)")
+    outputs, matching = match_outputs(items, read_output_records(args.outputs), args.outputs)
     report = score(items, outputs, cfg.similarity_fallback, scorer=args.scorer)
-    report["data"], report["outputs"] = str(args.data), str(args.outputs)
+    report["data"], report["outputs"], report["output_matching"] = str(args.data), str(args.outputs), matching
     # reply-level diagnostics per source (stages/diagnostics.reply_stats): why a model scores what it does
     dcfg = DiagnosticsConfig(reflection_pattern=args.reflection_pattern) if args.reflection_pattern \
         else DiagnosticsConfig()
@@ -363,6 +488,8 @@ def cmd_eval(args) -> int:
                   f"{st['unfinished']:.1%}, with a reflection marker {st['reflection_markers']:.1%}, "
                   f"{st['mean_words']:.0f} words on average", file=sys.stderr)
     print(f"eval: scorer {args.scorer} (the report holds both: strict and official)", file=sys.stderr)
+    if matching != "id":
+        print(f"eval: the outputs carry no ids of {args.data}: matched to its items by {matching}", file=sys.stderr)
     if report["missing_ids"]:
         print(f"eval: {len(report['missing_ids'])} item(s) have no output and count as wrong", file=sys.stderr)
     if args.scorer == "official" and report["dropped_ids"]:
@@ -392,7 +519,7 @@ def add_cli(sub) -> None:
                         "default: diagnostics.DiagnosticsConfig.reflection_pattern, 'Wait', 'let me verify', ...)")
     p.add_argument("--no-similarity", action="store_true",
                    help="strict scorer: no difflib fallback, unmatched outputs count as wrong")
-    g = p.add_argument_group("generation (with --model)")
+    g = p.add_argument_group("generation (with --model; the prompt and sampling flags also apply to --endpoint)")
     g.add_argument("--model", default=None, help="checkpoint directory: generate missing outputs with it first")
     g.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
@@ -402,4 +529,14 @@ def add_cli(sub) -> None:
     g.add_argument("--temperature", type=nonnegative_float, default=EvalConfig.temperature)
     g.add_argument("--batch-size", type=positive_int, default=EvalConfig.batch_size)
     g.add_argument("--seed", type=seed_int, default=None)
+    e = p.add_argument_group("generation through a server (with --endpoint): vLLM, sglang, minihuatuo serve, OpenAI")
+    e.add_argument("--endpoint", default=None, metavar="URL",
+                   help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1: generate missing outputs through "
+                        "its /chat/completions (resumable: a rerun asks only for items not in --outputs)")
+    e.add_argument("--served-model", default=None, metavar="NAME", help="the model name the server serves")
+    e.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight at once (default 8)")
+    e.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the API key (unset: no key is sent); never printed")
+    e.add_argument("--request-timeout", type=option_type(False, lo=0, lo_open=True), default=600.0,
+                   help="seconds one request may take (default 600: long replies on a busy server)")
     p.set_defaults(func=cmd_eval)

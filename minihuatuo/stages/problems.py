@@ -61,6 +61,11 @@ class ProblemsConfig:
     easy_max_tokens: int = 256  # the prompt asks for one line; room for a short explanation
     easy_temperature: float = 0.0  # greedy: each model's best answer
     easy_similarity_fallback: bool = False  # only a letter the model named counts (no difflib guess)
+    # share of the too-easy items kept all the same (a seeded draw per item). The paper: 0. Its search
+    # LLM (GPT-4o) is far stronger than its filter models, so its search still meets problems whose
+    # first answer is right; where one model is both (the demo's world), 0 leaves SFT data in which
+    # every first conclusion is wrong, and verification cannot learn to confirm (notes/demo.md §10)
+    too_easy_keep: float = 0.0
     # LLM filter and reformatting (§2.1 steps 2-3, GPT-4o in the paper); used only with an LLM
     llm_filter: bool = True
     reformat: str = "auto"  # auto: llm if one is given, else offline; hybrid: offline first, LLM for the rest
@@ -79,7 +84,7 @@ class ProblemsConfig:
     def __post_init__(self):  # the rules of the values (services/config.py)
         require_choice(self, "reformat", REFORMATTERS)
         require_finite(self)
-        require_fraction(self, "search_fraction")
+        require_fraction(self, "search_fraction", "too_easy_keep")
         require_nonnegative(self, "min_question_chars", "easy_temperature", "llm_temperature", "llm_retries",
                             "decontam_boilerplate_items")
         require_positive(self, "easy_max_tokens", "llm_max_tokens", "max_answer_chars", "decontam_window",
@@ -134,12 +139,15 @@ def too_easy_filter(items, filter_models: dict, cfg: ProblemsConfig, prompts: Pr
             stats[name] = {"correct": sum(a == it.answer_idx for a, it in zip(letters, items)),
                            "not_asked": sum(o is None for o in outs), "items": len(items)}
     kept, drops = [], []
+    keep_anyway = random.Random(f"too-easy-keep {cfg.seed}")
     for i, it in enumerate(items):
         picked = {name: answers[name][i] for name in answers}
+        draw = keep_anyway.random()  # one draw per item whatever its answers: an item's fate is its own
         if all(a == it.answer_idx for a in picked.values()):
-            drops.append((it, "too_easy", {"answers": picked}))
-        else:
-            kept.append(it)
+            if draw >= cfg.too_easy_keep:
+                drops.append((it, "too_easy", {"answers": picked}))
+                continue
+        kept.append(it)
     return kept, drops
 
 
