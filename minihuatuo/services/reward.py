@@ -227,7 +227,9 @@ def add_verifier_args(p, *, prefixed: bool = False, judge: bool = True) -> None:
     p.add_argument("--aliases", action="append", default=[], metavar="FILE",
                    help="rule: an extra alias file (TSV, one group per line), added to data/aliases.tsv; repeatable")
     option("model", help="classifier: a sequence-classification checkpoint directory")
-    option("threshold", type=fraction, default=0.4, help="classifier: P(True) threshold (official 0.4)")
+    option("threshold", type=fraction, default=None,
+           help="classifier: P(True) threshold (default: the checkpoint's minihuatuo_threshold, chosen by "
+                "`verifier train`, else the official 0.4)")
     p.add_argument("--classifier-template", metavar="FILE",
                    help="classifier: input template with {response}, {reference} and {eos}; the released "
                         "verifier needs its own (notes/verifier.md), the built-in one is our wording")
@@ -261,14 +263,14 @@ def build_verifier(name: str, args):
             raise ValueError("--verifier classifier needs --model (--verifier-model) CHECKPOINT_DIR")
         kw = {"template": V.load_prompt(opt("classifier_template"), V.PLACEHOLDERS + ("{eos}",))} \
             if opt("classifier_template") else {}
-        if not kw:
+        if not kw and not V.saved_template(opt("model")):  # a checkpoint of `verifier train` knows its own
             # A classifier scores the exact text it was trained on; our built-in wording is not the
             # released verifier's, so its probabilities (and every reward built on them) are off.
             print("WARNING: --verifier classifier runs with minihuatuo's built-in input template, not the one "
                   "the checkpoint was trained with; for the released verifier pass its template with "
                   "--classifier-template FILE (notes/verifier.md)", file=sys.stderr)
         return V.ClassifierVerifier.from_dir(opt("model"), device=opt("device", "cpu"),
-                                             threshold=opt("threshold", 0.4), **kw)
+                                             threshold=opt("threshold"), **kw)
     if name == "llm":
         if opt("judge_checkpoint"):
             from minihuatuo.services.backends import LocalBackend

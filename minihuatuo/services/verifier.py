@@ -210,7 +210,7 @@ class ClassifierVerifier:
     tokenizer: object  # minihuatuo.tokenizer.Tokenizer
     eos_text: str  # the tokenizer's eos_token as text, appended by the template's {eos}
     template: str = CLASSIFIER_TEMPLATE
-    threshold: float = 0.4  # official: reward 1.0 if P(True) > 0.4 else 0.1
+    threshold: float = 0.4  # official: reward 1.0 if P(True) > 0.4 else 0.1 (from_dir: the checkpoint's own)
     max_length: int = 4000  # official truncation (right side, as the HF tokenizer default)
     batch_size: int = 8
     true_label: int = 1  # official: probabilities[:, 1]
@@ -221,6 +221,13 @@ class ClassifierVerifier:
         from minihuatuo.engine.checkpoint import load_model
         from minihuatuo.engine.tokenizer import Tokenizer
 
+        path = Path(path)
+        if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+            path = path / "final"  # a trainer's --out (`minihuatuo verifier train`): its final checkpoint
+        if kwargs.get("threshold") is None:  # none given: the one the trainer chose, else the official 0.4
+            kwargs["threshold"] = saved_threshold(path)
+        if kwargs.get("template") is None and saved_template(path):  # ours: the template it was trained on
+            kwargs["template"] = saved_template(path)
         model = load_model(path, dtype=dtype, device=device).eval()
         if model.score is None or model.cfg.num_labels < 2:
             raise ValueError(f"{path}: not a sequence-classification checkpoint with >= 2 labels "
@@ -266,6 +273,36 @@ class ClassifierVerifier:
 
     def verify_batch(self, pairs: list[Pair]) -> list[bool]:
         return [p > self.threshold for p in self.p_true(pairs)]
+
+
+def saved_threshold(path, default: float = 0.4) -> float:
+    """config.json's "minihuatuo_threshold" (written by `minihuatuo verifier train`: the threshold of its
+    threshold study), else `default` (the official 0.4)."""
+    from minihuatuo.engine.checkpoint import read_json
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        return default  # load_model names the missing file
+    value = read_json(cfg_file).get("minihuatuo_threshold", default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{cfg_file}: field 'minihuatuo_threshold': expected a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def saved_template(path) -> str | None:
+    """config.json's "minihuatuo_classifier_template" (written by `minihuatuo verifier train`: the input
+    template the classifier was trained on), else None. Looks in a trainer's final/ as from_dir does."""
+    from minihuatuo.engine.checkpoint import read_json
+
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        path = path / "final"
+    cfg_file = path / "config.json"
+    value = read_json(cfg_file).get("minihuatuo_classifier_template") if cfg_file.exists() else None
+    if value is not None and not (isinstance(value, str) and "{response}" in value and "{reference}" in value):
+        raise ValueError(f"{cfg_file}: field 'minihuatuo_classifier_template': expected a template with "
+                         "{response} and {reference}")
+    return value
 
 
 def _eos_text(path: Path, tokenizer) -> str:

@@ -1,0 +1,534 @@
+"""Train the classifier verifier: a causal LM fine-tuned into a two-label sequence classifier on
+labelled (response y, reference y*, label) pairs — the step the official release ships the result of
+(a 3B `*ForSequenceClassification` checkpoint, label 1 = correct, P(True) > 0.4 in the RL code) but
+never described. Our recipe and its measurement: notes/verifier.md, "Training the verifier".
+
+    for each optimizer step:                         global batch = G pairs over all processes
+        for each micro-batch of this rank's share:
+            text  = ClassifierVerifier.text(y, y*)    exactly the verifier's input at inference
+            z     = score(h_last real token)          (B, 2) logits; the causal-LM head is dropped
+            loss += Σ_i w_i · CE(z_i, label_i) · world / Σ_{global batch} w_i
+        clip → AdamW → learning rate of the next step → log → evaluate → checkpoint
+
+    evaluate: P(True) on the held-out pairs → balanced accuracy at 0.5 → early stopping
+    end:      the best evaluation's weights → threshold study on the held-out pairs → final/
+
+Class balance (`balance`): "weights" (default) weights each pair by n / (2 n_c) of its class c, the
+loss being the weighted mean over the global batch (torch's CrossEntropyLoss(weight=...) reduction);
+"sampler" draws each epoch's order with replacement, each class with probability 1/2; "none". The
+default is the weights: every pair is seen once per epoch (a sampler repeats minority pairs and skips
+majority ones), the order stays a permutation, and the expected loss is the same balanced risk.
+
+The held-out pairs are --eval-pairs, or a seeded, label-stratified `eval_fraction` of --pairs. The
+checkpoints reuse SFT's machinery (training/checkpoints.py, run_dir.py: atomic, --resume, --overwrite;
+distributed.py: torchrun with DDP or FSDP2); a checkpoint's trainer/ also keeps the best weights so far
+(best.safetensors) so that early stopping survives a resume. final/ is the Hugging Face layout of the
+released verifier: `LlamaForSequenceClassification` (or Qwen2's), num_labels 2, id2label
+{0: "False", 1: "True"}, a bias-free `score.weight`, the tokenizer files, and "minihuatuo_threshold",
+which `--verifier classifier` uses when no --threshold is given.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from minihuatuo.engine.checkpoint import load_model, load_safetensors, write_model_files
+from minihuatuo.engine.model import Transformer
+from minihuatuo.engine.tokenizer import Tokenizer
+from minihuatuo.services.config import (
+    add_config_args,
+    build_config,
+    require_choice,
+    require_finite,
+    require_fraction,
+    require_nonnegative,
+    require_positive,
+    require_range,
+    require_seed,
+)
+from minihuatuo.services.reward import LabeledPair, binary_metrics, read_labeled
+from minihuatuo.services.verifier import (
+    CLASSIFIER_TEMPLATE,
+    PLACEHOLDERS,
+    ClassifierVerifier,
+    _eos_text,
+    load_prompt,
+)
+from minihuatuo.stages.sft import epoch_order, global_batches, param_groups
+from minihuatuo.training import checkpoints
+from minihuatuo.training.distributed import (
+    Dist,
+    all_sum,
+    init_distributed,
+    no_grad_sync,
+    wrap_model,
+)
+from minihuatuo.training.run_dir import RunDir, add_output_args
+from minihuatuo.training.schedules import warmup_then_decay_lr
+
+LABELS = {"0": "False", "1": "True"}  # the released verifier's id2label: label 1 = correct (official RL code)
+THRESHOLD_KEY = "minihuatuo_threshold"  # config.json: the threshold chosen by the threshold study
+TEMPLATE_KEY = "minihuatuo_classifier_template"  # config.json: the input template trained on
+
+
+@dataclass
+class VerifierTrainConfig:
+    """Nothing here is from the paper or the official code (neither says how the verifier was trained);
+    the defaults are common fine-tuning practice for a 1-8B model, the tiny-world preset is measured
+    in notes/verifier.md."""
+
+    epochs: int = 2
+    lr: float = 1e-5  # peak learning rate (whole model and the new head)
+    global_batch_size: int = 32  # pairs per optimizer step over all processes
+    micro_batch_size: int = 4  # pairs per forward/backward on one process
+    max_length: int = 4000  # tokens per pair; the official inference truncation (right side), kept equal
+    eval_fraction: float = 0.1  # held-out share of --pairs (label-stratified, seeded) without --eval-pairs
+    balance: str = "weights"  # "weights" (class weights n / 2n_c), "sampler" (balanced draws) or "none"
+    eval_every: int = 0  # evaluate every N steps (0 = at the end of each epoch)
+    patience: int = 3  # stop after this many evaluations without a better balanced accuracy (0 = never)
+    weight_decay: float = 0.0  # AdamW; never on norm gains and biases
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.05
+    schedule: str = "cosine"  # decay after warmup to min_lr_ratio · lr: "cosine" or "linear"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = off
+    bf16: bool = True  # bf16 autocast on GPU (fp32 master weights); ignored on CPU
+    activation_checkpointing: bool = False
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp2"
+    seed: int = 42  # the split, the data order and the new head's initialisation
+    max_steps: int = 0  # stop after this many optimizer steps (0 = all epochs)
+    save_every: int = 0  # checkpoint every N steps (0 = only final/)
+    log_every: int = 1
+
+    def __post_init__(self):  # the rules of the values (services/config.py)
+        require_finite(self)
+        require_positive(self, "epochs", "lr", "global_batch_size", "micro_batch_size", "max_length", "adam_eps",
+                         "log_every")
+        require_nonnegative(self, "weight_decay", "max_grad_norm", "max_steps", "save_every", "eval_every", "patience")
+        require_fraction(self, "warmup_ratio", "min_lr_ratio")
+        require_range(self, 0, 1, "eval_fraction", lo_open=True, hi_open=True)
+        require_range(self, 0, 1, "adam_beta1", "adam_beta2", hi_open=True)
+        require_seed(self, "seed")
+        require_choice(self, "balance", ("weights", "sampler", "none"))
+        require_choice(self, "schedule", ("cosine", "linear"))
+        require_choice(self, "distributed", ("ddp", "fsdp2"))
+
+
+PRESETS = {
+    "default": VerifierTrainConfig(),
+    # the bundled world's 2.2M-parameter base model (notes/verifier.md): ~4000 world pairs, CPU, minutes
+    "tiny-world": VerifierTrainConfig(epochs=2, lr=1e-3, global_batch_size=32, micro_batch_size=32, max_length=512,
+                                      eval_every=25, patience=4, warmup_ratio=0.05),
+}
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+def class_weights(labels: list[bool]) -> dict[bool, float]:
+    """w_c = n / (2 n_c): each class carries half of the loss whatever its share (sklearn's "balanced")."""
+    n, pos = len(labels), sum(labels)
+    return {True: n / (2 * pos) if pos else 0.0, False: n / (2 * (n - pos)) if n - pos else 0.0}
+
+
+def pair_weights(labels: list[bool], balance: str) -> list[float]:
+    """The loss weight of each pair: class weights under balance="weights", 1 otherwise."""
+    if balance != "weights":
+        return [1.0] * len(labels)
+    w = class_weights(labels)
+    return [w[y] for y in labels]
+
+
+def balanced_order(labels: list[bool], seed: int, epoch: int) -> list[int]:
+    """balance="sampler": n draws with replacement, each class with probability 1/2 (each pair of class c
+    with 1 / (2 n_c)). A pure function of (seed, epoch), like sft.epoch_order, so a resume redraws it."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    w = class_weights(labels)
+    probs = torch.tensor([w[y] for y in labels], dtype=torch.float64)
+    return torch.multinomial(probs, len(labels), replacement=True, generator=g).tolist()
+
+
+def split_pairs(pairs: list[LabeledPair], fraction: float, seed: int) -> tuple[list[LabeledPair], list[LabeledPair]]:
+    """(train, held-out): a seeded `fraction` of each label held out (at least one of each when the class
+    has two or more), so the held-out balanced accuracy is defined. Order within each part is the file's."""
+    g = torch.Generator().manual_seed(seed)
+    held = set()
+    for label in (True, False):
+        idx = [i for i, p in enumerate(pairs) if p.label == label]
+        k = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) >= 2 else 0
+        held |= {idx[j] for j in torch.randperm(len(idx), generator=g)[:k].tolist()}
+    return ([p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held])
+
+
+def early_stopping(history: list[float], patience: int) -> tuple[int, bool]:
+    """(index of the best evaluation, stop now?) for the held-out metrics so far (higher is better).
+    Only a strictly better value is an improvement; stop when the last `patience` evaluations brought
+    none (patience 0: never stop)."""
+    best = max(range(len(history)), key=lambda i: (history[i], -i)) if history else -1
+    return best, bool(patience and history and len(history) - 1 - best >= patience)
+
+
+THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05, 0.10, ..., 0.95
+
+
+def threshold_study(p_true: list[float], labels: list[bool], thresholds=THRESHOLDS) -> dict:
+    """Accuracy, TPR, FPR and balanced accuracy of "True iff P(True) > t" (strictly, as the official
+    code) for each t; the chosen t has the highest balanced accuracy, ties going to the t closest to
+    0.5 (then the lower one)."""
+    rows = []
+    for t in thresholds:
+        m = binary_metrics([p > t for p in p_true], labels)
+        fpr = m["fp"] / (m["fp"] + m["tn"]) if m["fp"] + m["tn"] else math.nan
+        rows.append({"threshold": t, "accuracy": m["accuracy"], "tpr": m["recall"], "fpr": fpr,
+                     "balanced_accuracy": m["balanced_accuracy"], "tp": m["tp"], "fp": m["fp"], "tn": m["tn"],
+                     "fn": m["fn"]})
+    scored = [r for r in rows if not math.isnan(r["balanced_accuracy"])]
+    if not scored:
+        raise ValueError("threshold study: the held-out pairs need both labels")
+    # rounded: the same counts reached by different sums must tie
+    best = max(scored, key=lambda r: (round(r["balanced_accuracy"], 12), -abs(r["threshold"] - 0.5), -r["threshold"]))
+    return {"n": len(labels), "positives": sum(labels), "rows": rows, "chosen": best["threshold"],
+            "chosen_balanced_accuracy": best["balanced_accuracy"]}
+
+
+def format_study(study: dict) -> str:
+    head = f"{'threshold':>9}{'accuracy':>10}{'TPR':>8}{'FPR':>8}{'bal. acc':>10}"
+    lines = [head, "-" * len(head)]
+    for r in study["rows"]:
+        mark = "  <- chosen" if r["threshold"] == study["chosen"] else ""
+        lines.append(f"{r['threshold']:>9.2f}" + "".join(f"{100 * r[k]:>{w - 1}.1f}%" for k, w in
+                     (("accuracy", 10), ("tpr", 8), ("fpr", 8), ("balanced_accuracy", 10))) + mark)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the model
+
+class SequenceClassifier(Transformer):
+    """The engine's Transformer with a 2-label `score` head and no LM head, whose forward is
+    `classify` (logits at the last real token): DDP and FSDP2 hook forward, so training calls it.
+    Parameter names are the Transformer's, so checkpoints are the HF *ForSequenceClassification layout."""
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.classify(input_ids, attention_mask)  # (B, 2)
+
+
+def classifier_pad_id(tokenizer, eos_text: str, base_pad: int | None) -> int:
+    """config.json's pad_token_id for the classifier. We left-pad and pool at the last real token;
+    transformers pools at the last token that is not pad_token_id (notes/verifier.md, difference 6), so
+    the two agree on every input ending in the appended eos as long as pad_token_id is not the eos id.
+    Prefer the tokenizer's pad, then the base's, then any other id."""
+    eos_ids = tokenizer.encode(eos_text, add_special_tokens=False) if eos_text else []
+    eos = eos_ids[-1] if eos_ids else None
+    for cand in (tokenizer.pad_id, base_pad, tokenizer.token_to_id("<|finetune_right_pad_id|>"),
+                 tokenizer.token_to_id("<|pad|>"), 0, 1):
+        if cand is not None and cand != eos:
+            return int(cand)
+    raise AssertionError("unreachable: 0 and 1 cannot both be the eos id")
+
+
+def classifier_from_causal_lm(model_dir, tokenizer, eos_text: str, seed: int, device) -> SequenceClassifier:
+    """The base checkpoint's decoder with a new bias-free score head C -> 2, N(0, initializer_range)
+    as transformers initialises it (seeded); a checkpoint that already has a 2-label head keeps it."""
+    base = load_model(model_dir, dtype=torch.float32, device=device)
+    if base.cfg.num_labels not in (0, 2):
+        raise ValueError(f"{model_dir}: has a {base.cfg.num_labels}-label head; the verifier has 2 labels")
+    cfg = replace(base.cfg, lm_head=False, num_labels=2, tie_word_embeddings=False,
+                  pad_token_id=classifier_pad_id(tokenizer, eos_text, base.cfg.pad_token_id),
+                  extra={**base.cfg.extra, "id2label": dict(LABELS),
+                         "label2id": {v: int(k) for k, v in LABELS.items()}})
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith("lm_head.")}
+    if "score.weight" not in state:
+        g = torch.Generator().manual_seed(seed)
+        state["score.weight"] = (torch.randn(2, cfg.hidden_size, generator=g) * cfg.initializer_range).to(device)
+    with torch.device("meta"):
+        model = SequenceClassifier(cfg)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def collate_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left padding and its mask, as ClassifierVerifier.p_true builds them at inference."""
+    T = max(len(x) for x in rows)
+    ids = torch.tensor([[pad_id] * (T - len(x)) + x for x in rows], device=device)  # (B, T)
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in rows], device=device)  # (B, T)
+    return ids, mask
+
+
+def weighted_ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i · −log softmax(z_i)[label_i]; logits (B, 2), labels (B,), weights (B,)."""
+    return (F.cross_entropy(logits.float(), labels, reduction="none") * weights).sum()
+
+
+@torch.no_grad()
+def eval_p_true(model, ids: list[list[int]], pad_id: int, micro_batch_size: int, d: Dist) -> list[float]:
+    """P(True) of every held-out pair. Each rank scores a strided share of the same length (the last
+    ones wrap around, so that every rank runs the same number of forwards: FSDP2 gathers weights in
+    each), and the shares are summed over ranks."""
+    was_training = model.training
+    model.eval()
+    n = len(ids)
+    per_rank = math.ceil(n / d.world)
+    mine = [d.rank + d.world * k for k in range(per_rank)]
+    out = torch.zeros(n, dtype=torch.float64, device=d.device)
+    for s in range(0, per_rank, micro_batch_size):
+        chunk = mine[s:s + micro_batch_size]
+        logits = model(*collate_left([ids[i % n] for i in chunk], pad_id, d.device))  # (B, 2)
+        p = torch.softmax(logits.float(), dim=-1)[:, 1].double()
+        for i, v in zip(chunk, p):
+            if i < n:
+                out[i] = v
+    model.train(was_training)
+    return all_sum(out, d).tolist()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+BEST = "best.safetensors"  # trainer/: the best evaluation's weights, for early stopping across a resume
+
+
+def save_checkpoint(path, model, optimizer, state: dict, cfg, model_dir, d: Dist, save_dtype, best=None,
+                    config_extra=None):
+    """checkpoints.save_checkpoint's layout (HF model + trainer/) plus, for the verifier, the best
+    evaluation's weights so far in trainer/best.safetensors (`best`, when given) and extra config.json
+    fields (`config_extra`: the chosen threshold, the template). A collective: every rank calls it.
+    Built on checkpoints._save, the writer save_checkpoint and save_actor_critic share."""
+    save_dtype = checkpoints.save_dtype_of(save_dtype)
+
+    def weights(tmp, base, model_sd):
+        write_model_files(base, tmp, copy_files_from=model_dir, state=model_sd, dtype=save_dtype)
+        if config_extra:
+            hf = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+            (tmp / "config.json").write_text(json.dumps({**hf, **config_extra}, indent=2), encoding="utf-8")
+        trainer = tmp / checkpoints.TRAINER
+        if save_dtype != torch.float32:  # keep the trained fp32 weights for an exact resume
+            save_file({k: v.detach().contiguous().cpu() for k, v in model_sd.items()},
+                      str(trainer / "model_fp32.safetensors"))
+        if best is not None:
+            save_file({k: v.contiguous() for k, v in best.items()}, str(trainer / BEST))
+
+    checkpoints._save(path, model, optimizer, state, cfg, d, weights)
+
+
+def _full_weights(model) -> dict:
+    """The full model state dict on the CPU, on every rank (gathered from FSDP2 shards)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    # not cpu_offload: with it only rank 0 gets the tensors, and every rank sets them back at the end
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone().cpu() for k, v in sd.items()}
+
+
+def _set_weights(model, weights: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+    )
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def pair_encoder(model_dir, template: str | None, max_length: int) -> ClassifierVerifier:
+    """The inference verifier's text and ids (ClassifierVerifier.text / encode: the template, the eos
+    appended as text, no special tokens, right truncation) without a model: a pair is trained on
+    exactly what `--verifier classifier` will feed the saved checkpoint."""
+    tokenizer = Tokenizer.from_dir(model_dir)
+    return ClassifierVerifier(None, tokenizer, eos_text=_eos_text(Path(model_dir), tokenizer),
+                              template=template or CLASSIFIER_TEMPLATE, max_length=max_length)
+
+
+def read_split(cfg: VerifierTrainConfig, pairs_path, eval_path=None) -> tuple[list[LabeledPair], list[LabeledPair]]:
+    """(train, held-out) pairs; errors name the file (and its line and field, read_labeled)."""
+    pairs = read_labeled(pairs_path)
+    if not pairs:
+        raise ValueError(f"{pairs_path}: no labelled pairs; nothing to train")
+    train_pairs, held = (pairs, read_labeled(eval_path)) if eval_path else split_pairs(pairs, cfg.eval_fraction,
+                                                                                       cfg.seed)
+    for name, part, where in (("training", train_pairs, pairs_path), ("held-out", held, eval_path or pairs_path)):
+        if len({p.label for p in part}) < 2:
+            raise ValueError(f"{where}: the {name} pairs need both labels (true and false); got "
+                             f"{sum(p.label for p in part)} true of {len(part)}")
+    return train_pairs, held
+
+
+def train(cfg: VerifierTrainConfig, model_dir, pairs_path, out_dir, eval_path=None, template: str | None = None,
+          resume: bool = False, overwrite: bool = False, save_dtype="float32") -> dict:
+    """out_dir/final/ (the HF classifier + trainer/), checkpoint-N/ every save_every steps, metrics.jsonl
+    and threshold_study.json. Returns a summary: the last step's metrics, the best evaluation, the study."""
+    train_pairs, held = read_split(cfg, pairs_path, eval_path)
+    d = init_distributed()
+    out = Path(out_dir)
+    run = RunDir("verifier train", out, "step", d, resume=resume, overwrite=overwrite)
+    encoder = pair_encoder(model_dir, template, cfg.max_length)
+    template, tokenizer, eos_text = encoder.template, encoder.tokenizer, encoder.eos_text
+    ids = [encoder.encode(p.response, p.reference) for p in train_pairs]
+    held_ids = [encoder.encode(p.response, p.reference) for p in held]
+    labels = [p.label for p in train_pairs]
+    held_labels = [p.label for p in held]
+    weights = pair_weights(labels, cfg.balance)
+
+    base = classifier_from_causal_lm(model_dir, tokenizer, eos_text, cfg.seed, d.device)
+    base.activation_checkpointing = cfg.activation_checkpointing
+    model = wrap_model(base.train(), cfg.distributed, d)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    steps_per_epoch = math.ceil(len(ids) / cfg.global_batch_size)
+    total = cfg.epochs * steps_per_epoch if not cfg.max_steps else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "evals": [], "eval_steps": [], "best_step": None,
+             "done": False}
+    best = None  # the best evaluation's weights so far (full state dict, on the CPU)
+    if run.checkpoint is not None:
+        saved = checkpoints.load_checkpoint(run.checkpoint, model, optimizer)
+        state = {k: saved.get(k, v) for k, v in state.items()}
+        best_file = checkpoints.trainer_dir(run.checkpoint) / BEST
+        best = load_safetensors(best_file) if best_file.exists() else None
+    pad = tokenizer.pad_id
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and d.device.type == "cuda")
+    metrics_file = run.begin(state["step"])
+    if run.checkpoint is not None and (state["done"] or state["step"] >= total):
+        if d.main:
+            metrics_file.close()
+            print(f"verifier train: {run.checkpoint} has {state['step']} of {total} steps done"
+                  f"{' (stopped early)' if state['done'] and state['step'] < total else ''}: nothing to do",
+                  file=sys.stderr)
+        return {}
+
+    bar = tqdm(total=total, initial=state["step"], desc="verifier train", disable=not d.main, file=sys.stderr)
+    last, stop = {}, False
+    while state["step"] < total and not stop:
+        order = (balanced_order(labels, cfg.seed, state["epoch"]) if cfg.balance == "sampler"
+                 else epoch_order(len(ids), cfg.seed, state["epoch"]))
+        batches = global_batches(order, cfg.global_batch_size)
+        for b in range(state["batch_in_epoch"], len(batches)):
+            if state["step"] >= total:
+                break
+            t0 = time.perf_counter()
+            lr = warmup_then_decay_lr(state["step"], total, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            members = batches[b]
+            w_total = sum(weights[i] for i in members)  # the global batch's weight, known to all ranks
+            share = members[d.rank::d.world] or members[:1]  # an empty share still joins the all-reduce ...
+            on = 1.0 if members[d.rank::d.world] else 0.0  # ... with zero weight
+            micro = [share[i:i + cfg.micro_batch_size] for i in range(0, len(share), cfg.micro_batch_size)]
+            loss_sum = torch.zeros((), device=d.device)
+            for j, rows in enumerate(micro):
+                y = torch.tensor([int(labels[i]) for i in rows], device=d.device)  # (B,)
+                w = torch.tensor([weights[i] * on for i in rows], device=d.device)  # (B,)
+                with no_grad_sync(model, j == len(micro) - 1), autocast:
+                    loss = weighted_ce_sum(model(*collate_left([ids[i] for i in rows], pad, d.device)), y, w)
+                    (loss * d.world / w_total).backward()
+                loss_sum += loss.detach()
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                         if cfg.max_grad_norm > 0 else torch.zeros(()))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm is a DTensor
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.update(step=state["step"] + 1, batch_in_epoch=b + 1)
+            dt = time.perf_counter() - t0
+            last = {"step": state["step"], "epoch": state["epoch"], "loss": (all_sum(loss_sum, d) / w_total).item(),
+                    "lr": lr, "grad_norm": float(grad_norm), "pairs_per_s": len(members) / dt,
+                    "tokens_per_s": sum(len(ids[i]) for i in members) / dt}
+            eval_now = state["step"] % cfg.eval_every == 0 if cfg.eval_every else b == len(batches) - 1
+            if eval_now:
+                p = eval_p_true(model, held_ids, pad, cfg.micro_batch_size, d)
+                bal_acc = binary_metrics([x > 0.5 for x in p], held_labels)["balanced_accuracy"]
+                state["evals"].append(bal_acc)
+                state["eval_steps"].append(state["step"])
+                best_i, stop = early_stopping(state["evals"], cfg.patience)
+                if best_i == len(state["evals"]) - 1:  # a new best: keep a copy of these weights
+                    state["best_step"], best = state["step"], _full_weights(model)
+                last.update(eval_balanced_accuracy=bal_acc, best_eval_step=state["best_step"])
+            if d.main:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}",
+                                **({"bal_acc": f"{last['eval_balanced_accuracy']:.3f}"}
+                                   if "eval_balanced_accuracy" in last else {}))
+                bar.update(1)
+                if state["step"] % cfg.log_every == 0 or state["step"] == total or "eval_balanced_accuracy" in last:
+                    metrics_file.write(json.dumps(last) + "\n")
+                    metrics_file.flush()
+            if stop:
+                break
+            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
+                save_checkpoint(out / f"checkpoint-{state['step']}", model, optimizer, state, cfg, model_dir, d,
+                                save_dtype, best)
+        else:
+            state.update(epoch=state["epoch"] + 1, batch_in_epoch=0)
+    bar.close()
+    # Done (all steps, or stopped early) or only paused by --max-steps: final/ holds the best evaluation's
+    # weights when done (the verifier to use), the current ones otherwise (a --resume continues them).
+    state["done"] = stop or state["step"] >= total
+    if state["done"] and best is not None:
+        _set_weights(model, best)
+    p = eval_p_true(model, held_ids, pad, cfg.micro_batch_size, d)
+    study = threshold_study(p, held_labels)
+    extra = {THRESHOLD_KEY: study["chosen"], TEMPLATE_KEY: template}
+    save_checkpoint(out / "final", model, optimizer, state, cfg, model_dir, d, save_dtype,
+                    None if state["done"] else best, config_extra=extra)
+    summary = {"steps": state["step"], "stopped_early": stop, "evals": state["evals"],
+               "eval_steps": state["eval_steps"], "best_step": state["best_step"], "threshold": study["chosen"],
+               "held_out_balanced_accuracy": study["chosen_balanced_accuracy"], "last": last}
+    if d.main:
+        metrics_file.write(json.dumps({"step": state["step"], "final_threshold": study["chosen"],
+                                       "final_balanced_accuracy": study["chosen_balanced_accuracy"]}) + "\n")
+        metrics_file.close()
+        (out / "threshold_study.json").write_text(json.dumps(study, indent=2) + "\n", encoding="utf-8")
+    return {**summary, "study": study}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def cmd_verifier_train(args) -> int:
+    cfg = build_config(VerifierTrainConfig, PRESETS, args.preset, args.config, args)
+    template = load_prompt(args.classifier_template, PLACEHOLDERS + ("{eos}",)) if args.classifier_template else None
+    result = train(cfg, args.model, args.pairs, args.out, eval_path=args.eval_pairs, template=template,
+                   resume=args.resume, overwrite=args.overwrite, save_dtype=args.save_dtype)
+    if int(os.environ.get("RANK", "0")) == 0 and result:
+        study = result.pop("study")
+        print(f"threshold study on {study['n']} held-out pairs ({study['positives']} true): "
+              "True iff P(True) > threshold")
+        print(format_study(study))
+        print(json.dumps({"out": str(Path(args.out) / "final"), **result}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("verifier", help="train the classifier verifier (the released verifier's layout)")
+    vsub = p.add_subparsers(dest="verifier_command", required=True)
+    t = vsub.add_parser("train", help="fine-tune a causal LM into a two-label classifier verifier on labelled "
+                                      "pairs (also under torchrun)")
+    t.add_argument("--model", required=True, help="causal-LM checkpoint directory to start from (Llama / Qwen2)")
+    t.add_argument("--pairs", required=True, metavar="FILE",
+                   help='labelled JSONL: {"response", "reference", "label": true|false} per line (world pairs, '
+                        "verifier-eval --write-set)")
+    t.add_argument("--out", required=True, help="output directory: final/ (the HF classifier, config.json's "
+                                                f"{THRESHOLD_KEY}; trainer/), checkpoint-N/, metrics.jsonl, "
+                                                "threshold_study.json")
+    t.add_argument("--eval-pairs", metavar="FILE", default=None,
+                   help="held-out labelled pairs (default: a seeded eval_fraction of --pairs)")
+    t.add_argument("--classifier-template", metavar="FILE", default=None,
+                   help="input template with {response}, {reference} and {eos} (default: the built-in one of "
+                        "--verifier classifier); pass the same file at inference")
+    t.add_argument("--preset", default="default", choices=list(PRESETS))
+    add_output_args(t, "step")
+    add_config_args(t, VerifierTrainConfig)
+    t.set_defaults(func=cmd_verifier_train)
