@@ -82,7 +82,14 @@ def test_every_output_parses(quick_run):
     assert len(search) > 0 and len(rl) > 0 and len(records) == len(search)
     assert len({r["id"] for r in records}) == len(records)
     sft = read_sft(out / "search" / "sft.jsonl")
-    assert len(sft) == sum(r["search"]["success"] for r in records)
+    # search.jsonl is the search's own record; a found trajectory whose reflection is false of its case
+    # is left out of the SFT files (world/reflection.py) and listed with its faults
+    dropped = read_jsonl(out / "search" / "false_reflections.jsonl")
+    assert all(d["faults"] for d in dropped)
+    assert {d["id"] for d in dropped} <= {r["id"] for r in records if r["search"]["success"]}
+    assert len(sft) == sum(r["search"]["success"] for r in records) - len(dropped)
+    summary = json.loads((out / "search" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["discarded"].get("false_reflection", 0) == len(dropped)
     read_sft(out / "search" / "sft_simple_cot.jsonl")
     read_sft(out / "search" / "sft_direct.jsonl")
     steps = read_jsonl(out / "sft" / "metrics.jsonl")
@@ -90,6 +97,12 @@ def test_every_output_parses(quick_run):
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert steps and all(s["loss"] > 0 for s in steps if "loss" in s)
     assert [u["update"] for u in updates] == list(range(1, config["ppo_updates"] + 1))
+    # issue 19 point 4: the shipped PPO takes several optimizer steps per update (epochs × minibatches),
+    # so the ratio leaves 1 and the clipped objective binds, in every update whose learning rate is at
+    # least half its peak (the official schedule decays it linearly to 0: the last updates barely move)
+    assert config["ppo"]["ppo_epochs"] * config["ppo"]["num_mini_batches"] > 1
+    peak = max(u["lr"] for u in updates)
+    assert all(u["clipfrac"] > 0 for u in updates if u["lr"] >= peak / 2), [(u["lr"], u["clipfrac"]) for u in updates]
     for ckpt in (out / "sft" / "final", out / "ppo" / "final" / "policy"):
         model = load_model(ckpt)  # real safetensors checkpoints
         assert model.cfg.hidden_size == load_model(BASE).cfg.hidden_size
@@ -101,6 +114,27 @@ def test_demo_refuses_to_mix_runs(quick_run):
     r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "already holds a demo run" in r.stderr
+
+
+def test_evaluate_regrades_a_run_exactly(quick_run, tmp_path):
+    """`demo --evaluate RUN` grades RUN's checkpoints on a held-out draw without training: on the run's
+    own draw it reproduces the run's figures exactly (greedy decoding, the same grader), which is what
+    lets the protocol's test draws (notes/demo.md §9) be graded from the dev-draw runs."""
+    run, _ = quick_run
+    out = tmp_path / "regraded"
+    r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--evaluate", str(run), "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    after = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert after["evaluated_run"] == str(run) and after["heldout_seed"] == before["heldout_seed"]
+    for stage in ("base", "sft", "ppo"):
+        for key in ("accuracy", "n", "unfinished", "reflection", "first_accuracy", "reflection_gain", "by_type",
+                    "mean_tokens", "hack_rate"):
+            assert after[stage][key] == before[stage][key], (stage, key)
+    again = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--evaluate", str(run), "--out", str(out)],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 2 and "already holds results" in again.stderr
 
 
 def test_heldout_seed_changes_the_heldout_exam_only(monkeypatch, tmp_path):

@@ -116,3 +116,18 @@ def test_drop_marks_only_faulty_found_trajectories():
     marked = drop_false_reflections(KB, [good, bad, failed], {"s0": PE, "s1": PE, "s2": PE})
     assert marked == [bad] and bad["search"]["failure_reason"] == "false_reflection"
     assert good["search"]["success"] and failed["search"]["failure_reason"] is None
+
+
+def test_a_treatment_confirmation_must_check_the_patients_context():
+    ignored = verify("Cellulitis explains fever, spreading skin redness and a recent skin wound, and clarithromycin "
+                     "is its first-line treatment, so the conclusion holds.")
+    assert any("without checking the patient's penicillin allergy" in f for f in reflection_faults(KB, CELL, [ignored]))
+    checked = verify("Cellulitis explains fever, spreading skin redness and a recent skin wound, and clarithromycin "
+                     "is safe in penicillin allergy, so the conclusion holds.")
+    assert reflection_faults(KB, CELL, [checked]) == []
+    # no context, or not a treatment question: nothing to check
+    assert reflection_faults(KB, dict(CELL, context=None), [ignored]) == []
+    assert reflection_faults(KB, dict(CELL, qtype="investigation"), [ignored]) == []
+    # a rejection is not a confirmation
+    assert not any("without checking" in f for f in reflection_faults(KB, CELL, [verify(
+        "Cellulitis does not explain x, so the diagnosis of cellulitis does not hold.")]))

@@ -75,8 +75,10 @@ class DemoConfig:
     # a harmless context, so on D_RL "a named context means the alternative" is right 3 times in 4.
     # 0.4 evens that out, but its SFT models were weaker and PPO from them less stable (notes/demo.md §7)
     train_exam: ExamConfig = field(default_factory=lambda: ExamConfig(contraindicated=0.6))
-    # §2.1 (stages/problems.py): D_search vs D_RL 50/50 (paper §4.1: 20K / 20K)
-    problems: ProblemsConfig = field(default_factory=lambda: ProblemsConfig(search_fraction=0.5))
+    # §2.1 (stages/problems.py): D_search vs D_RL 50/50 (paper §4.1: 20K / 20K). Half of the too-easy
+    # problems kept: the base model is both the filter's small model and the search LLM, so without them
+    # no searched first answer is right and SFT data never shows a verification that confirms (§10)
+    problems: ProblemsConfig = field(default_factory=lambda: ProblemsConfig(search_fraction=0.5, too_easy_keep=0.5))
     # stage 1: search (stages/search.py); the base model is the search LLM, the template reformatter writes ê
     search: SearchConfig = field(default_factory=lambda: SearchConfig(
         max_depth=3,  # N
@@ -87,7 +89,7 @@ class DemoConfig:
     # stage 1: SFT (stages/sft.py)
     sft: SFTConfig = field(default_factory=lambda: replace(
         SFT_PRESETS["tiny-world"],
-        epochs=1,  # one pass: SFT teaches the reflection, PPO then finishes it (notes/demo.md §3)
+        epochs=3,  # with data whose verification discriminates, more passes teach the discrimination (§10)
         lr=5e-4,
         global_batch_size=16,
         micro_batch_size=16,
@@ -101,12 +103,16 @@ class DemoConfig:
         PPO_PRESETS["tiny-world"],
         batch_size=48,  # rollouts per update
         micro_batch_size=16,  # rows per forward; rows of similar length together, cut to their longest
-        lr=2e-4,
+        # two optimizer steps per PPO epoch and two epochs per update: the ratio π/π_old leaves 1 after the
+        # first step, so the clipped objective binds (clip fraction > 0 in every update; with one step per
+        # update PPO is plain policy gradient), at half the former per-step rate (notes/demo.md §11)
+        ppo_epochs=2,
+        num_mini_batches=2,
+        lr=1e-4,
         # linear warmup over ceil(ratio · updates) updates, the first at lr 0 (official 0.05 of ~160
         # updates). 0: the shipped SFT models take the full rate at once; where one did not, a warmup
         # only delayed the collapse (notes/demo.md §7)
         warmup_ratio=0.0,
-        ppo_epochs=1,
         beta=0.03,  # paper §4.1
         temperature=0.7,  # rollouts (and their log-probs); 1.0 gave mostly unfinished replies
         value_head="separate",  # a critic network (official); a head on the policy trunk gained less
@@ -365,6 +371,37 @@ def run_demo(cfg: DemoConfig, out_dir) -> dict:
     tmp.replace(out / "results.json")
     write_plots(out, results)
     print_examples(out)
+    print(results_table(results))
+    return results
+
+
+def evaluate_run(run_dir, cfg: DemoConfig, out_dir) -> dict:
+    """The checkpoints of an earlier demo run (base, sft/final, ppo/final/policy) graded on the held-out
+    draw `cfg.heldout_seed`, as run_demo grades them: the protocol's test draws (notes/demo.md §9)
+    without training again, since nothing a model is trained on depends on the held-out draw.
+    Writes out_dir/results.json (the same keys, plus "evaluated_run") and out_dir/eval/."""
+    from minihuatuo.pipeline.report import results_table
+
+    run, out = Path(run_dir), Path(out_dir)
+    if not (run / "results.json").exists():
+        raise ValueError(f"{run}: not a finished demo run (no results.json)")
+    if (out / "results.json").exists():
+        raise ValueError(f"{out}: already holds results; choose another --out")
+    trained = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    models = {"base": Path(trained["base"]), "sft": run / "sft" / "final", "ppo": run / "ppo" / "final" / "policy"}
+    kb = load_kb(DEFAULT_KB)
+    verifier = world_verifier(kb)
+    heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
+    problems = [open_problem(it) for it in heldout]
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {}
+    for name, model_dir in models.items():
+        say(f"evaluating {name} ({model_dir}) on {len(problems)} held-out problems of draw {cfg.heldout_seed} ...")
+        results[name] = evaluate_model(model_dir, heldout, problems, verifier, cfg, out / "eval" / f"{name}.jsonl", name)
+    results.update(seed=trained["seed"], heldout_seed=cfg.heldout_seed, evaluated_run=str(run))
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out / "results.json")
     print(results_table(results))
     return results
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from minihuatuo.pipeline.ablation import run_ablation
-from minihuatuo.pipeline.demo import PRESETS, DemoConfig, run_demo
+from minihuatuo.pipeline.demo import PRESETS, DemoConfig, evaluate_run, run_demo
 from minihuatuo.services.config import add_config_args, build_config, positive_int
 
 
@@ -12,6 +12,9 @@ def cmd_demo(args) -> int:
                      args.out or "demo_ablation", seeds=args.seeds)
         return 0
     cfg = build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args)
+    if args.evaluate:
+        evaluate_run(args.evaluate, cfg, args.out or f"{args.evaluate}_heldout{cfg.heldout_seed}")
+        return 0
     run_demo(cfg, args.out or ("demo_quick" if args.quick else "demo_out"))
     return 0
 
@@ -23,5 +26,8 @@ def add_cli(sub) -> None:
     p.add_argument("--ablation", action="store_true",
                    help="SFT on direct response / simple CoT / complex CoT, each then PPO, over --seeds")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds of the ablation (default 3)")
+    p.add_argument("--evaluate", metavar="RUN", default=None,
+                   help="grade the checkpoints of the earlier run RUN on the held-out draw --heldout-seed "
+                        "(no training; the protocol's test draws, notes/demo.md §9)")
     add_config_args(p, DemoConfig)
     p.set_defaults(func=cmd_demo)

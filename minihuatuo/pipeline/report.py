@@ -24,16 +24,16 @@ def results_table(results: dict) -> str:
         lines.append(f"{LABELS[s]:22s} {r['accuracy']:>7.1%} of {r['n']:<3d} {r['unfinished']:>10.1%} "
                      f"{r['reflection']:>8.1%} {r['first_accuracy']:>9.1%} {r['reflection_gain']:>+6.1%} "
                      f"{va:>11s} {r.get('hack_rate', 0.0):>6.1%} {r['mcq_accuracy']:>6.1%} "
-                     f"{r['avg_response_tokens']:>7.0f} {r['wall_s']:>5.0f}s")
+                     f"{r['avg_response_tokens']:>7.0f} {r.get('wall_s', 0):>5.0f}s")
     types = sorted({t for s in STAGES for t in results[s].get("by_type", {})})
     if types:
         lines.append("by question type (accuracy, n): " + "; ".join(
             f"{t} " + " / ".join(f"{results[s]['by_type'][t]['accuracy']:.0%}" if t in results[s]["by_type"] else "-"
                                  for s in STAGES) + f" (n {results[STAGES[0]]['by_type'].get(t, {}).get('n', 0)})"
             for t in types) + "  [base / SFT / PPO]")
-    t = results["timings_s"]
-    lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items())
-                 + f"; total {results['total_wall_s']:.0f}s")
+    if "timings_s" in results:  # not for a re-grading of an earlier run (demo --evaluate)
+        lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items())
+                     + f"; total {results['total_wall_s']:.0f}s")
     return "\n".join(lines)
 
 

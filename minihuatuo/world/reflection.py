@@ -19,6 +19,8 @@ a reason, and a rejection without one reason is a fault too):
   "S is not the <fact> for/of A."                                        S is not A's fact
   "The diagnosis of A does not hold." / "... holds."                      A wrong / right for the case
   "The previous conclusion, X, has been checked and is wrong, ..."        never (an oracle's verdict)
+  a Verification that accepts a treatment ("... so the conclusion holds") for a patient with a named
+  context must name that context (`unchecked_confirmation`)
 """
 from __future__ import annotations
 
@@ -126,7 +128,20 @@ def reflection_faults(kb: KB, world: dict, actions: list[dict]) -> list[str]:
         faults += [f"step {n + 1}: {f}" for f in claim_faults(kb, world, a["content"])]
         if is_rejection(a) and not grounded(a["content"]) and ORACLE not in a["content"]:
             faults.append(f"step {n + 1}: a rejection without a reason")
+        if unchecked_confirmation(kb, world, a):
+            faults.append(f"step {n + 1}: confirms a treatment without checking the patient's "
+                          f"{kb.contexts[world['context']]['name']}")
     return faults
+
+
+def unchecked_confirmation(kb: KB, world: dict, action: dict) -> bool:
+    """A Verification that accepts a treatment for a patient with a named context (pregnancy,
+    asthma, ...) without a word about that context. True or not of this drug, it is no check: the
+    same sentence confirms the drug the context rules out, and SFT on it teaches that a treatment
+    needs no check (the contraindicated questions stay wrong after SFT)."""
+    return (world["qtype"] == "treatment" and bool(world.get("context")) and action["action"] == "Verification"
+            and "holds" in action["content"] and "does not hold" not in action["content"]
+            and kb.contexts[world["context"]]["name"].lower() not in action["content"].lower())
 
 
 def drop_false_reflections(kb: KB, records: list[dict], worlds: dict) -> list[dict]:
