@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,14 +167,14 @@ def test_resume_after_a_crash_continues_exactly(world, monkeypatch):
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
-def _torchrun(world, out, nproc, extra):
+def _torchrun(world, out, nproc, extra, program=("-m", "minihuatuo"), ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "minihuatuo", "sft", "--model", str(world / "base"), "--data", str(world / "sft.jsonl"),
+           *program, "sft", "--model", str(world / "base"), "--data", str(world / "sft.jsonl"),
            "--out", str(out), "--preset", "tiny-world", "--epochs", "1", "--lr", "3e-3", "--global-batch-size", "8",
            "--micro-batch-size", "2", "--max-length", "256", "--warmup-ratio", "0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert (r.returncode == 0) == ok, r.stderr[-3000:]
     return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -188,6 +189,81 @@ def test_two_processes_equal_one_process(world, strategy):
     wa, wb = weights(world / f"one-{strategy}" / "final"), weights(world / f"two-{strategy}" / "final")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+# `minihuatuo sft ...` on every rank, stopped (as by a kill) right after checkpoint-2 is written
+CRASH_AFTER_CHECKPOINT_2 = """
+import sys
+from pathlib import Path
+
+from minihuatuo.cli import main
+from minihuatuo.stages import sft
+
+real_save = sft.save_checkpoint
+
+
+def save_then_crash(path, *a, **k):
+    real_save(path, *a, **k)
+    if Path(path).name == "checkpoint-2":
+        raise SystemExit(3)
+
+
+sft.save_checkpoint = save_then_crash
+sys.exit(main())
+"""
+
+
+def test_fsdp2_resumes_from_its_own_shards(world):
+    """FSDP2 on 2 processes saves the trainer state as torch.distributed.checkpoint shards, one file per
+    rank; a run stopped after checkpoint-2 and resumed from those shards equals the uninterrupted run
+    bit for bit (the same shards, the same data order, the same reduction order), and one process
+    resumes from them too (DCP reshards; equal to the 2-process run within the 1-vs-2-process tolerance)."""
+    from minihuatuo.training.checkpoints import checkpoint_problem
+
+    run = ["--distributed", "fsdp2", "--epochs", "2", "--global-batch-size", "4", "--save-every", "2"]
+    straight = _torchrun(world, world / "straight", 2, run)
+    driver = world / "crash_after_checkpoint_2.py"
+    driver.write_text(CRASH_AFTER_CHECKPOINT_2)
+    _torchrun(world, world / "crashed", 2, run, program=(str(driver),), ok=False)
+    ckpt = world / "crashed" / "checkpoint-2"
+    assert ckpt.is_dir() and not (world / "crashed" / "final").exists()
+
+    # the trainer state: one shard file per rank + DCP's index, nothing gathered
+    trainer = sorted(p.relative_to(ckpt / "trainer").as_posix() for p in (ckpt / "trainer").rglob("*") if p.is_file())
+    assert trainer == ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "manifest.json",
+                       "trainer_state.json"]
+    assert checkpoint_problem(ckpt) is None
+    # the export beside it is today's full HF-layout model, the same as the uninterrupted run's
+    a, b = weights(world / "straight" / "checkpoint-2"), weights(ckpt)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # an incomplete sharded checkpoint is recognised: DCP's index or a rank's shards missing
+    for missing in ("dcp/.metadata", "dcp/__1_0.distcp"):
+        damaged = world / f"damaged-{missing[4:]}"
+        shutil.copytree(ckpt, damaged)
+        (damaged / "trainer" / missing).unlink()
+        assert f"trainer/{missing} is missing" in checkpoint_problem(damaged)
+
+    shutil.copytree(world / "crashed", world / "one")  # the same stopped run, for the 1-process resume
+    resumed = _torchrun(world, world / "crashed", 2, [*run, "--resume"])
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "grad_norm"):
+        assert [r[key] for r in resumed] == [r[key] for r in straight]
+    a, b = weights(world / "straight" / "final"), weights(world / "crashed" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # another world size: one process (no sharding) reads the 2-rank shards
+    one = cfg(global_batch_size=4, micro_batch_size=2, save_every=2, distributed="fsdp2")
+    assert one == build_config(SFTConfig, PRESETS, "tiny-world", None, {
+        "epochs": 2, "lr": 3e-3, "global_batch_size": 4, "micro_batch_size": 2, "max_length": 256,
+        "warmup_ratio": 0.0, "save_every": 2, "distributed": "fsdp2"})  # the torchrun runs' config
+    train(one, world / "base", world / "sft.jsonl", world / "one", resume=True)
+    alone = [json.loads(l) for l in (world / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in alone] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(alone, straight):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    c = weights(world / "one" / "final")
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=1e-5, rtol=1e-4)
 
 
 def test_overfits_and_generates_the_format(world):
