@@ -202,13 +202,13 @@ def test_demo_settings_reach_the_training_exam_and_ppo(monkeypatch, tmp_path):
     monkeypatch.setattr(ppo_run, "train", stage("ppo"))
     d = demo.DemoConfig()
     cfg = demo.DemoConfig(seed=7, response_length=99, ppo_updates=5,
-                          ppo=replace(d.ppo, batch_size=8, warmup_ratio=0.2, lr=1e-4), sft=replace(d.sft, lr=0.5))
+                          ppo=replace(d.ppo, batch_size=8, warmup_ratio=0.2, lr=3e-4), sft=replace(d.sft, lr=0.5))
     models = demo.huatuo_o1(cfg, tmp_path / "run", [], None, {})
     assert models["ppo"] == tmp_path / "run" / "ppo" / "final" / "policy"
     ppo = seen["ppo"]
-    assert (ppo.total_episodes, ppo.batch_size, ppo.warmup_ratio, ppo.lr) == (40, 8, 0.2, 1e-4)
+    assert (ppo.total_episodes, ppo.batch_size, ppo.warmup_ratio, ppo.lr) == (40, 8, 0.2, 3e-4)
     assert (ppo.response_length, seen["search"].max_tokens) == (99, 99)
-    assert (seen["sft"].lr, seen["sft"].epochs) == (0.5, 1)
+    assert (seen["sft"].lr, seen["sft"].epochs) == (0.5, d.sft.epochs) and d.sft.epochs == 3  # the demo's value kept
     assert {seen[s].seed for s in ("problems", "search", "sft", "ppo")} == {7}
     assert (seen["problems"], seen["search"], seen["sft"], ppo) == (cfg.problems, cfg.search, cfg.sft, cfg.ppo)
 

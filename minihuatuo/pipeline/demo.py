@@ -19,7 +19,7 @@ and SFT+PPO on held-out problems the same way (`evaluate_model`) and writes ever
     DIR/eval/{base,sft,ppo}.jsonl     every held-out reply with its grade (open-ended and MCQ)
     DIR/accuracy.csv, ppo_reward.csv  (and .png when matplotlib is installed)
 
-Defaults were measured on a 2-core CPU (notes/demo.md): the full run takes under 10 minutes,
+Defaults were measured on a 2-core CPU (notes/demo.md §12): the full run takes about 12 minutes,
 `--quick` (fewer problems and updates) under 2. What each setting does, and why it has the value
 it has, is in notes/demo.md.
 """
