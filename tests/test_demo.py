@@ -288,3 +288,17 @@ def test_config_file_errors_name_the_file_and_field(tmp_path):
             demo_config(["--config", str(f)])
     with pytest.raises(SystemExit):  # derived fields have no flag
         demo_config(["--ppo.seed", "1"])
+
+
+def test_search_verdicts_become_labelled_pairs(quick_run):
+    """Issue 20, point 2: the quick demo's real search.jsonl → one pair per distinct verifier call, labelled
+    with the verdict the search recorded, against that record's ground truth."""
+    from minihuatuo.services.reward import pairs_from_search
+
+    out, _ = quick_run
+    records = [json.loads(x) for x in (out / "search" / "search.jsonl").read_text().splitlines()]
+    expected = list(dict.fromkeys((c["conclusion"], r["Ground-True Answer"], c["verdict"])
+                                  for r in records for c in r["search"]["verifier_calls"]))
+    pairs = pairs_from_search(out / "search" / "search.jsonl")
+    assert [(p.response, p.reference, p.label) for p in pairs] == expected
+    assert {p.label for p in pairs} == {True, False}  # accepted and rejected conclusions both

@@ -382,3 +382,23 @@ def test_two_processes_equal_one_process(trained, tiny):
     for k in wa:  # Adam divides by sqrt(v): an element whose gradient is ~0 can move by a sizeable share of lr
         # on a float-rounding difference of the all-reduced sum, hence atol 1e-4 (lr 3e-3)
         torch.testing.assert_close(wa[k], wb[k], atol=1e-4, rtol=1e-3)
+
+
+def test_search_pairs_train_alone_or_with_labelled_pairs(tiny, tmp_path):
+    """--search-pairs: a search's verdicts as training labels (reward.pairs_from_search), alone or added to
+    --pairs; without either the command is a one-line error."""
+    rows = [{"Ground-True Answer": p.reference, "search": {"verifier_calls": [
+        {"attempt": 1, "depth": 0, "conclusion": p.response, "verdict": p.label}]}} for p in toy_pairs(40)]
+    (tmp_path / "search.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_pairs, held = vt.read_split(TINY, None, None, [tmp_path / "search.jsonl"])
+    assert len(train_pairs) + len(held) == len({(p.response, p.reference, p.label) for p in toy_pairs(40)}) < 40
+    both, held2 = vt.read_split(TINY, tiny / "toy.jsonl", None, [tmp_path / "search.jsonl"])
+    assert len(both) + len(held2) == 48 + len(train_pairs) + len(held)
+    r = run_cli("verifier", "train", "--model", str(tiny / "base"), "--search-pairs", str(tmp_path / "search.jsonl"),
+                "--out", str(tmp_path / "out"), "--max-length", "256", "--micro-batch-size", "8", "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "final" / "config.json").exists()
+    r = run_cli("verifier", "train", "--model", str(tiny / "base"), "--out", str(tmp_path / "out2"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("minihuatuo verifier: error: verifier train: give --pairs FILE, "
+                                                 "--search-pairs FILE, or both")

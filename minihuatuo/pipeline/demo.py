@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
+from minihuatuo.pipeline.demo_verifier import RLVerifierConfig, ppo_verifier, verifier_results
 from minihuatuo.services.backends import ChatRequest, LocalBackend
 from minihuatuo.services.config import require_nonnegative, require_positive, require_seed
 from minihuatuo.services.formats import write_problems
@@ -123,6 +124,9 @@ class DemoConfig:
         lam=1.0,
         save_every=0,  # only the final checkpoint
     ))
+    # stage 2's verifier: the world's rule verifier, or a classifier trained from the base model on world
+    # pairs, whose reward hacking is audited against the ground truth update by update (demo_verifier.py)
+    rl_verifier: RLVerifierConfig = field(default_factory=RLVerifierConfig)
     # machine
     batch_size: int = 512  # rows per batched generate call (finished rows leave the batch: sample.py)
     threads: int = 0  # torch threads (0 = torch's default: all cores)
@@ -131,7 +135,7 @@ class DemoConfig:
     DERIVED: ClassVar[dict[str, str]] = {
         "problems.seed": "seed", "search.seed": "seed", "sft.seed": "seed", "ppo.seed": "seed",
         "search.max_tokens": "response_length", "ppo.response_length": "response_length",
-        "ppo.total_episodes": "ppo_updates × ppo.batch_size",
+        "ppo.total_episodes": "ppo_updates × ppo.batch_size", "rl_verifier.train.seed": "seed",
     }
     # the flat names of before issue 18 -> the stage fields they set (as flags and in config files)
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -154,6 +158,7 @@ class DemoConfig:
         "ppo_value_head": ("ppo.value_head",),
         "ppo_vf_coef": ("ppo.vf_coef",),
         "ppo_lam": ("ppo.lam",),
+        "verifier": ("rl_verifier.kind",),  # demo --verifier classifier (issue 20)
     }
 
     def __post_init__(self):
@@ -169,11 +174,15 @@ class DemoConfig:
         self.sft = replace(self.sft, seed=self.seed)
         self.ppo = replace(self.ppo, seed=self.seed, response_length=self.response_length,
                            total_episodes=self.ppo_updates * self.ppo.batch_size)
+        self.rl_verifier = replace(self.rl_verifier, train=replace(self.rl_verifier.train, seed=self.seed))
 
 
 def _quick() -> DemoConfig:
     cfg = DemoConfig(n_train=300, n_heldout=100, ppo_updates=3)
-    return replace(cfg, search=replace(cfg.search, max_attempts=2), ppo=replace(cfg.ppo, batch_size=32))
+    rl_verifier = replace(cfg.rl_verifier, classifier_pairs=1500, classifier_adversarial=500,
+                          train=replace(cfg.rl_verifier.train, epochs=1))  # only with --verifier classifier
+    return replace(cfg, search=replace(cfg.search, max_attempts=2), ppo=replace(cfg.ppo, batch_size=32),
+                   rl_verifier=rl_verifier)
 
 
 PRESETS = {"default": DemoConfig(), "quick": _quick()}
@@ -195,8 +204,10 @@ def huatuo_o1(cfg: DemoConfig, out: Path, train_items, verifier, timings: dict) 
     del base
     with timed(timings, "sft"):  # stage 1, line 13: SFT of the base model on (x, ê, ŷ)
         sft_model = fine_tune(cfg.sft, cfg.base, out / "search" / "sft.jsonl", out / "sft")
+    with timed(timings, "verifier"):  # stage 2's verifier: the rule verifier, or a classifier trained here
+        rl_verifier = ppo_verifier(cfg.rl_verifier, cfg.base, cfg.seed, cfg.heldout_seed, out, verifier)
     with timed(timings, "ppo"):  # stage 2: PPO from the SFT model on D_RL with verifier rewards
-        ppo_model = reinforce(cfg.ppo, sft_model, out / "problems" / "rl.json", out / "ppo", verifier)
+        ppo_model = reinforce(cfg.ppo, sft_model, out / "problems" / "rl.json", out / "ppo", rl_verifier)
     return {"base": Path(cfg.base), "sft": sft_model, "ppo": ppo_model}
 
 
@@ -355,9 +366,9 @@ def run_demo(cfg: DemoConfig, out_dir) -> dict:
             say(f"evaluating {name} on {len(problems)} held-out problems ...")
             results[name] = evaluate_model(model_dir, heldout, problems, verifier, cfg, out / "eval" / f"{name}.jsonl",
                                            name)
-    made_by = {"base": None, "sft": ("search", "sft"), "ppo": ("ppo",)}
+    made_by = {"base": None, "sft": ("search", "sft"), "ppo": ("verifier", "ppo")}
     for name, stages in made_by.items():
-        results[name]["wall_s"] = round(sum(timings[s] for s in stages), 1) if stages else 0.0
+        results[name]["wall_s"] = round(sum(timings.get(s, 0.0) for s in stages), 1) if stages else 0.0
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["total_wall_s"] = round(time.perf_counter() - t0, 1)
     results["seed"] = cfg.seed
@@ -366,6 +377,7 @@ def run_demo(cfg: DemoConfig, out_dir) -> dict:
     results["search"].pop("config", None)
     results["problems"] = json.loads((out / "problems" / "summary.json").read_text(encoding="utf-8"))
     results["problems"].pop("config", None)
+    results["rl_verifier"] = verifier_results(out)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(out / "results.json")

@@ -31,6 +31,14 @@ def results_table(results: dict) -> str:
             f"{t} " + " / ".join(f"{results[s]['by_type'][t]['accuracy']:.0%}" if t in results[s]["by_type"] else "-"
                                  for s in STAGES) + f" (n {results[STAGES[0]]['by_type'].get(t, {}).get('n', 0)})"
             for t in types) + "  [base / SFT / PPO]")
+    audit = results.get("rl_verifier", {}).get("audit")
+    if audit:  # PPO rewarded by a learned classifier (demo --verifier classifier): how often it was gamed
+        v, pct = results["rl_verifier"], lambda x: "-" if x is None else f"{x:.1%}"
+        lines.append(f"PPO verifier: classifier (held-out balanced accuracy {pct(v['heldout_plain']['balanced_accuracy'])}"
+                     f" plain, {pct(v['heldout_adversarial']['balanced_accuracy'])} adversarial); rewarded rollouts "
+                     f"the ground truth rejects: {pct(audit['first_eighth']['hack_rate'])} in the first eighth of "
+                     f"the updates, {pct(audit['last_eighth']['hack_rate'])} in the last, "
+                     f"{pct(audit['all']['hack_rate'])} overall")
     if "timings_s" in results:  # not for a re-grading of an earlier run (demo --evaluate)
         lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items())
                      + f"; total {results['total_wall_s']:.0f}s")

@@ -127,6 +127,32 @@ def pairs_from_sft(path, seed: int = 0) -> list[LabeledPair]:
     return out
 
 
+def pairs_from_search(path) -> list[LabeledPair]:
+    """The verdicts the search already gave (paper §3.1: every conclusion y_i is judged against y* by
+    the verifier): one pair per entry of a search.jsonl record's `search.verifier_calls`, its
+    `conclusion` against the record's "Ground-True Answer", labelled with its `verdict`, failed searches
+    included (their rejections are the negatives). The labels are the search verifier's, not the
+    truth: a classifier trained on them learns that verifier, errors included (notes/verifier.md).
+    Exact repeats of a (conclusion, answer, verdict) are kept once, so that a held-out split does not
+    hold copies of training pairs."""
+    out, seen = [], set()
+    for r in read_records(path):
+        answer = _field(path, r, "Ground-True Answer", str)
+        calls = (_field(path, r, "search", dict)).get("verifier_calls")
+        if not isinstance(calls, list):
+            raise FormatError(path, r.line, "search.verifier_calls", "missing or not a list")
+        for k, call in enumerate(calls):
+            if not (isinstance(call, dict) and isinstance(call.get("conclusion"), str)
+                    and isinstance(call.get("verdict"), bool)):
+                raise FormatError(path, r.line, f"search.verifier_calls[{k}]",
+                                  'expected {"conclusion": string, "verdict": true|false}')
+            key = (call["conclusion"], answer, call["verdict"])
+            if key not in seen:
+                seen.add(key)
+                out.append(LabeledPair(*key, category="search"))
+    return out
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def binary_metrics(predictions: list[bool], labels: list[bool]) -> dict:

@@ -57,7 +57,7 @@ from minihuatuo.services.config import (
     require_range,
     require_seed,
 )
-from minihuatuo.services.reward import LabeledPair, binary_metrics, read_labeled
+from minihuatuo.services.reward import LabeledPair, binary_metrics, pairs_from_search, read_labeled
 from minihuatuo.services.verifier import (
     CLASSIFIER_TEMPLATE,
     PLACEHOLDERS,
@@ -353,11 +353,17 @@ def pair_encoder(model_dir, template: str | None, max_length: int) -> Classifier
                               template=template or CLASSIFIER_TEMPLATE, max_length=max_length)
 
 
-def read_split(cfg: VerifierTrainConfig, pairs_path, eval_path=None) -> tuple[list[LabeledPair], list[LabeledPair]]:
-    """(train, held-out) pairs; errors name the file (and its line and field, read_labeled)."""
-    pairs = read_labeled(pairs_path)
+def read_split(cfg: VerifierTrainConfig, pairs_path, eval_path=None, search_paths=()) -> tuple[list[LabeledPair],
+                                                                                               list[LabeledPair]]:
+    """(train, held-out) pairs: the labelled pairs of `pairs_path` (may be None) and the search verdicts of
+    each of `search_paths` (search.jsonl: reward.pairs_from_search); errors name the file (and its line and
+    field)."""
+    pairs = read_labeled(pairs_path) if pairs_path else []
+    for path in search_paths:
+        pairs += pairs_from_search(path)
     if not pairs:
-        raise ValueError(f"{pairs_path}: no labelled pairs; nothing to train")
+        raise ValueError(f"{pairs_path or ', '.join(map(str, search_paths))}: no labelled pairs; nothing to train")
+    pairs_path = pairs_path or search_paths[0]
     train_pairs, held = (pairs, read_labeled(eval_path)) if eval_path else split_pairs(pairs, cfg.eval_fraction,
                                                                                        cfg.seed)
     for name, part, where in (("training", train_pairs, pairs_path), ("held-out", held, eval_path or pairs_path)):
@@ -368,10 +374,10 @@ def read_split(cfg: VerifierTrainConfig, pairs_path, eval_path=None) -> tuple[li
 
 
 def train(cfg: VerifierTrainConfig, model_dir, pairs_path, out_dir, eval_path=None, template: str | None = None,
-          resume: bool = False, overwrite: bool = False, save_dtype="float32") -> dict:
+          resume: bool = False, overwrite: bool = False, save_dtype="float32", search_paths=()) -> dict:
     """out_dir/final/ (the HF classifier + trainer/), checkpoint-N/ every save_every steps, metrics.jsonl
     and threshold_study.json. Returns a summary: the last step's metrics, the best evaluation, the study."""
-    train_pairs, held = read_split(cfg, pairs_path, eval_path)
+    train_pairs, held = read_split(cfg, pairs_path, eval_path, search_paths)
     d = init_distributed()
     out = Path(out_dir)
     run = RunDir("verifier train", out, "step", d, resume=resume, overwrite=overwrite)
@@ -497,9 +503,12 @@ def train(cfg: VerifierTrainConfig, model_dir, pairs_path, out_dir, eval_path=No
 
 def cmd_verifier_train(args) -> int:
     cfg = build_config(VerifierTrainConfig, PRESETS, args.preset, args.config, args)
+    if not args.pairs and not args.search_pairs:
+        raise ValueError("verifier train: give --pairs FILE, --search-pairs FILE, or both")
     template = load_prompt(args.classifier_template, PLACEHOLDERS + ("{eos}",)) if args.classifier_template else None
     result = train(cfg, args.model, args.pairs, args.out, eval_path=args.eval_pairs, template=template,
-                   resume=args.resume, overwrite=args.overwrite, save_dtype=args.save_dtype)
+                   resume=args.resume, overwrite=args.overwrite, save_dtype=args.save_dtype,
+                   search_paths=args.search_pairs)
     if int(os.environ.get("RANK", "0")) == 0 and result:
         study = result.pop("study")
         print(f"threshold study on {study['n']} held-out pairs ({study['positives']} true): "
@@ -517,9 +526,12 @@ def add_cli(sub) -> None:
     t = vsub.add_parser("train", help="fine-tune a causal LM into a two-label classifier verifier on labelled "
                                       "pairs (also under torchrun)")
     t.add_argument("--model", required=True, help="causal-LM checkpoint directory to start from (Llama / Qwen2)")
-    t.add_argument("--pairs", required=True, metavar="FILE",
+    t.add_argument("--pairs", metavar="FILE", default=None,
                    help='labelled JSONL: {"response", "reference", "label": true|false} per line (world pairs, '
                         "verifier-eval --write-set)")
+    t.add_argument("--search-pairs", metavar="FILE", action="append", default=[],
+                   help="a search's search.jsonl (repeatable): every verifier call of the search, its conclusion "
+                        "against the ground truth, labelled with the search verifier's verdict (paper §3.1)")
     t.add_argument("--out", required=True, help="output directory: final/ (the HF classifier, config.json's "
                                                 f"{THRESHOLD_KEY}; trainer/), checkpoint-N/, metrics.jsonl, "
                                                 "threshold_study.json")
