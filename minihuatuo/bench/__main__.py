@@ -6,7 +6,8 @@ BENCHMARKS = {"generate": "minihuatuo.bench.generate",
               "ppo": "minihuatuo.bench.ppo",
               "decontam": "minihuatuo.bench.decontam",
               "kernels": "minihuatuo.bench.kernels",
-              "search": "minihuatuo.bench.search"}
+              "search": "minihuatuo.bench.search",
+              "gpu": "minihuatuo.bench.gpu"}
 
 
 def main(argv=None) -> int:
