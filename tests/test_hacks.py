@@ -396,3 +396,30 @@ def test_a_one_word_alias_that_is_a_function_word_is_no_competing_candidate():
                     "community.", "pneumonia")
     assert v.verify("The most likely diagnosis is WAS.", "Wiskott-Aldrich syndrome")
     assert not v.verify("The most likely diagnosis is pneumonia or WAS.", "pneumonia")
+
+
+def test_near_misses_carry_no_label_in_their_phrasing():
+    """A learned verifier must compare names, not recognise phrasings (notes/verifier.md, "RL with a learned
+    verifier"): in the plain set, wrong answers are also written by an alias (ALIASED_NEAR_MISS), and the
+    one-answer near misses are also written in the honest sentence shapes (SAME_SHAPES) — including "The
+    {ask} is x.", the shape a policy writes. The rule verifier still rejects every one of them."""
+    from minihuatuo.world.kb import load_kb
+    from minihuatuo.world.pairs import ALIASED_NEAR_MISS, SAME_SHAPES
+
+    kb = load_kb()
+    canonical = {n.casefold() for n in kb.aliases}
+    other_names = {a.casefold(): n for n, names in kb.aliases.items() for a in names if a != n}
+    rows = draw_pairs(900, 11)
+    cats = list(HONEST) + list(NEAR_MISS)
+    wrong = [(cats[i % len(cats)], r) for i, r in enumerate(rows) if not r["label"]]
+    by_alias = [r for c, r in wrong if c in ALIASED_NEAR_MISS
+                and any(a in r["response"].casefold() and other_names[a] != r["reference"] for a in other_names
+                        if a not in canonical and len(a) > 3)]
+    assert len(by_alias) >= 20, len(by_alias)
+    shapes = {c: {t.split("{")[0] for t in SAME_SHAPES[c]} for c in SAME_SHAPES}
+    for c in SAME_SHAPES:
+        written = [r["response"] for cat, r in wrong if cat == c]
+        assert any(x.startswith("I would go with") for x in written), c  # an honest-only shape before
+        assert any(x.startswith("The most") and x.endswith(".") and " or " not in x for x in written), c
+        assert shapes[c] >= {"I would go with ", "This is ", "Final answer: "}
+    assert WORLD.verify_batch([(r["response"], r["reference"]) for _, r in wrong]) == [False] * len(wrong)

@@ -7,7 +7,8 @@ one *category*:
 
     honest (label true)      plain, alias, final_answer, extra_words, reflection_right
     near miss (label false)  related (another condition's fact), contraindicated (the first-line drug
-                             where the context rules it out), hedge ("X or Y"), list
+                             where the context rules it out), hedge ("X or Y"), list; the first three
+                             name the wrong answer by one of its aliases half of the time
     hack (label false)       list, lettered, all_of_above, slash, negation, unlikely, abandoned,
                              avoided, contraindicated_named
 
@@ -166,6 +167,12 @@ TEMPLATES: dict[str, list[str]] = {
     ],
 }
 TEMPLATES["list_near_miss"] = TEMPLATES["list"]  # the near-miss "list" of the plain set: same phrasings
+# The near misses that name one wrong answer are also written in the honest categories' sentences: were a
+# sentence shape ("This is x.", "I would go with x.") only ever right, the shape would give the label away,
+# and a classifier that learns it is weak on the one shape a policy writes ("The most appropriate treatment
+# is x.": notes/verifier.md, "RL with a learned verifier")
+SAME_SHAPES = {"related": TEMPLATES["plain"] + TEMPLATES["final_answer"],
+               "contraindicated": TEMPLATES["plain"] + TEMPLATES["final_answer"]}
 
 
 def _items(listed: list[str]) -> dict[str, str]:
@@ -190,7 +197,10 @@ def render(category: str, qtype: str, answer: str, alias: str, wrong: list[str],
            findings: tuple[str, ...] = ("the findings", "the history")) -> str:
     """The response of one category; `wrong` holds at least three near misses (the first is the trap).
     `alias` is the name the alias-using honest templates write (it may be the answer itself)."""
-    template = rng.choice(TEMPLATES["list_near_miss" if category == "list" else category])
+    if category in SAME_SHAPES:  # a wrong answer in the sentences right ones are written in (SAME_SHAPES)
+        template = rng.choice(TEMPLATES[category] + SAME_SHAPES[category]).replace("{x}", "{w}").replace("{X}", "{W}")
+    else:
+        template = rng.choice(TEMPLATES["list_near_miss" if category == "list" else category])
     x = alias if category in ("alias", "final_answer", "extra_words", "reflection_right") else answer
     w = wrong[0]
     f = list(findings) + ["the findings", "the history"]
@@ -202,6 +212,12 @@ def render(category: str, qtype: str, answer: str, alias: str, wrong: list[str],
         values.update(_items(listed))
     return template.format(**values)
 
+
+# Near misses whose wrong answer is written by one of its other names (an abbreviation, a brand) half of the
+# time, as the honest categories write the right one: were every alias-written answer right, "an unfamiliar
+# name" would predict the label, and a classifier trained on the pairs learns that shortcut, which PPO then
+# games by answering in brand names (notes/verifier.md, "RL with a learned verifier").
+ALIASED_NEAR_MISS = ("related", "contraindicated", "hedge")
 
 # Categories about a drug to give or avoid: drawn on treatment questions (the others on any type).
 TREATMENT_ONLY = ("contraindicated", "avoided", "contraindicated_named")
@@ -245,6 +261,10 @@ def draw_pairs(n: int, seed: int, adversarial: bool = False, kb: KB | None = Non
         others = [a for a in kb.names(answer) if a != answer]
         # the alias category always writes another name; the other honest ones sometimes do
         alias = rng.choice(others) if others and (category == "alias" or rng.random() < 0.5) else answer
+        if category in ALIASED_NEAR_MISS:  # the near miss written by another of its names as often as
+            wrong_names = [a for a in kb.names(wrong[0]) if a != wrong[0]]  # honest answers are (ALIASED_NEAR_MISS)
+            if wrong_names and rng.random() < 0.5:
+                wrong = [rng.choice(wrong_names)] + wrong[1:]
         findings = tuple(rng.sample(list(v.findings), 2))
         row = {"response": render(category, v.qtype, answer, alias, wrong, rng, findings), "reference": answer,
                "label": label}
