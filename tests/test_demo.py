@@ -244,8 +244,8 @@ def test_nested_flags_and_config_file_reach_the_stage_configs(tmp_path):
 
 
 def test_old_flat_flags_keep_their_meaning(tmp_path):
-    """Every flag of the flat DemoConfig (before issue 18) sets the stage field(s) it names; in a config
-    file too."""
+    """Every flag of the flat DemoConfig (before issue 18; and --verifier, issue 20) sets the stage field(s) it
+    names; in a config file too."""
     from minihuatuo.pipeline.demo import DemoConfig
 
     default = demo_config([])
@@ -255,7 +255,7 @@ def test_old_flat_flags_keep_their_meaning(tmp_path):
         return "--" + name.replace("_", "-")
 
     for old, paths in DemoConfig.ALIASES.items():
-        value = values[type(reduce(getattr, paths[0].split("."), default))]
+        value = {"rl_verifier.kind": "classifier"}.get(paths[0]) or values[type(reduce(getattr, paths[0].split("."), default))]
         by_old = demo_config([flag(old), str(value)])
         by_new = demo_config([x for path in paths for x in (flag(path), str(value))])  # --ppo.batch-size 5
         assert by_old == by_new != default, old

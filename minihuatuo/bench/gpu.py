@@ -91,7 +91,7 @@ def decode_benchmark(name: str, device: torch.device, new_tokens: int, prompt_le
         if device.type == "cuda" else None
     row = {"preset": name, "dtype": "bfloat16", "params_B": round(model.num_parameters() / 1e9, 3),
            "prompt_len": prompt_len, "new_tokens": new_tokens, "tok_s": round(tok_s, 1),
-           "bytes_per_token_GB": round(per_token / 1e9, 4), "achieved_GBps": round(tok_s * per_token / 1e9, 1),
+           "bytes_per_token": per_token, "achieved_GBps": round(tok_s * per_token / 1e9, 1),
            "copy_GBps": round(copy_gbs, 1), "of_copy_bound": round(tok_s * per_token / 1e9 / copy_gbs, 3)}
     if peak:
         row.update(peak_GBps=peak, of_peak_bound=round(tok_s * per_token / 1e9 / peak, 3))
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                 print(f"{step}: exit {s['returncode']} in {s['wall_s']} s\n{s['tail'][-1200:]}\n")
         d = report["decode"]
         print(f"decode {d['preset']} ({d['params_B']}B, bf16, batch 1): {d['tok_s']} tok/s, "
-              f"{d['bytes_per_token_GB']} GB per token -> {d['achieved_GBps']} GB/s = {d['of_copy_bound']:.0%} of the "
+              f"{d['bytes_per_token'] / 1e9:.3f} GB per token -> {d['achieved_GBps']} GB/s = {d['of_copy_bound']:.0%} of the "
               f"measured copy bandwidth ({d['copy_GBps']} GB/s)"
               + (f", {d['of_peak_bound']:.0%} of the card's peak ({d['peak_GBps']} GB/s)" if "peak_GBps" in d else ""))
     failed = any(report.get(s, {}).get("returncode") not in (0, None) for s in ("parity_tests", "kernels"))

@@ -137,7 +137,8 @@ class DemoConfig:
         "search.max_tokens": "response_length", "ppo.response_length": "response_length",
         "ppo.total_episodes": "ppo_updates × ppo.batch_size", "rl_verifier.train.seed": "seed",
     }
-    # the flat names of before issue 18 -> the stage fields they set (as flags and in config files)
+    # the flat names of before issue 18 (and --verifier, issue 20) -> the stage fields they set (as flags and
+    # in config files)
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
         "train_contraindicated": ("train_exam.contraindicated",),
         "search_fraction": ("problems.search_fraction",),
