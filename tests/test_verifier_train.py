@@ -220,15 +220,16 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch):
 
 
 def test_learns_world_pairs_from_the_world_base_model(tmp_path):
-    """The shipped world base model, on world pairs (`world pairs`' own draw): the loss falls and the
-    held-out balanced accuracy rises above chance. A short instruction keeps the test fast."""
+    """The shipped world base model, on world pairs (`world pairs`' own draw, whose phrasing carries no label:
+    tests/test_hacks.py): the loss falls and the held-out balanced accuracy rises well above chance. The
+    world's short template (48 tokens a pair) keeps the test fast."""
+    from minihuatuo.world.kb import WORLD_DIR
     from minihuatuo.world.pairs import draw_pairs
 
-    rows = draw_pairs(400, 11)
+    rows = draw_pairs(1000, 11)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    template = ("<Model Response>\n{response}\n</Model Response>\n<Reference Answer>\n{reference}\n"
-                "</Reference Answer>{eos}")
-    cfg = VerifierTrainConfig(epochs=1, lr=2e-3, global_batch_size=16, micro_batch_size=16, max_length=256,
+    template = (WORLD_DIR / "classifier_template.txt").read_text()
+    cfg = VerifierTrainConfig(epochs=2, lr=1e-3, global_batch_size=32, micro_batch_size=32, max_length=128,
                               eval_fraction=0.2, eval_every=10, patience=0, warmup_ratio=0.05, seed=0)
     out = train(cfg, WORLD_BASE, tmp_path / "pairs.jsonl", tmp_path / "run", template=template)
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
