@@ -172,3 +172,27 @@ def test_ppo_with_an_audited_verifier_writes_one_audit_line_per_update(tmp_path)
     assert all(r["hacked"] == 0 and r["missed"] == 0 for r in rows)  # judge = truth: nothing to find
     metrics = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert len([m for m in metrics if "update" in m]) == 3
+
+
+def test_results_table_prints_the_audit_line(tmp_path):
+    from minihuatuo.pipeline.demo_verifier import verifier_results
+    from minihuatuo.pipeline.report import results_table
+
+    (tmp_path / "verifier").mkdir()
+    (tmp_path / "verifier" / "summary.json").write_text(json.dumps(
+        {"kind": "classifier", "heldout_plain": {"balanced_accuracy": 0.934}, "heldout_adversarial":
+         {"balanced_accuracy": 0.988}}))
+    log = tmp_path / "ppo" / "verifier_audit.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps(audit_row(i + 1, j, t)) + "\n" for i, (j, t) in enumerate(
+        [([True, True, False, False], [True, False, False, False])] * 7 + [([True, True], [False, False])])))
+    stage = {"accuracy": 0.5, "n": 2, "unfinished": 0.0, "reflection": 1.0, "first_accuracy": 0.5,
+             "reflection_gain": 0.0, "mcq_accuracy": 0.0, "avg_response_tokens": 10, "by_type": {}}
+    results = {"base": stage, "sft": stage, "ppo": stage, "rl_verifier": verifier_results(tmp_path)}
+    assert results["rl_verifier"]["audit"]["updates"] == 8
+    line = [x for x in results_table(results).splitlines() if x.startswith("PPO verifier")]
+    assert line == ["PPO verifier: classifier (held-out balanced accuracy 93.4% plain, 98.8% adversarial); "
+                    "rewarded rollouts the ground truth rejects: 50.0% in the first eighth of the updates, "
+                    "100.0% in the last, 56.2% overall"]
+    results["rl_verifier"] = {"kind": "rule"}
+    assert not [x for x in results_table(results).splitlines() if x.startswith("PPO verifier")]
