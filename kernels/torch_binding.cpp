@@ -229,6 +229,19 @@ at::Tensor logprob_entropy_backward(at::Tensor logits, at::Tensor targets, doubl
     return dl;
 }
 
+// ------------------------------------------------------------------------------------------ GEMV (CPU)
+
+at::Tensor gemv(at::Tensor x, at::Tensor w) {
+    check_same(x, w, "x and weight");
+    TORCH_CHECK(!x.is_cuda(), "gemv: CPU only");
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x must be (B, I) and weight (O, I)");
+    x = x.contiguous();
+    w = w.contiguous();
+    auto y = at::empty({x.size(0), w.size(0)}, x.options());
+    mh_cpu_gemv(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.size(0), w.size(0), w.size(1), dtype_code(x), threads());
+    return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -240,6 +253,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rope", &rope);
     m.def("logprob_entropy_forward", &logprob_entropy_forward);
     m.def("logprob_entropy_backward", &logprob_entropy_backward);
+    m.def("gemv", &gemv);
 #ifdef MH_WITH_CUDA
     m.attr("with_cuda") = true;
 #else

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="minihuatuo", description="HuatuoGPT-o1's recipe from scratch in PyTorch: verifiable "
                     "problems, strategy search, SFT, PPO with verifier rewards, evaluation; one subcommand per step.")
     parser.add_argument("--version", action="version", version=f"minihuatuo {__version__}")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="decode with the compiled decode step in every stage of this command (same tokens; "
+                        "pays off on long decodes, costs a one-off compilation of 5-40 s; engine/decode_step.py)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="complete one prompt with a checkpoint")
@@ -231,7 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from minihuatuo.engine import decode_step
     from minihuatuo.engine.checkpoint import CheckpointError
+
+    decode_step.compile_by_default = args.compile_decode
 
     try:
         return args.func(args)

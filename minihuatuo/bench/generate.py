@@ -1,14 +1,23 @@
 """Decode speed: minihuatuo's KV-cache sampler vs transformers' `generate` on the same random-weight
-checkpoint, greedy, fp32, plus the weight-streaming bound measured in the same run.
+checkpoint, greedy, fp32 (and bf16), plus the weight-streaming bound measured in the same run.
 
-    python -m minihuatuo.bench generate [--presets tiny,llama-125m] [--batch 1,16] [--json]
+    python -m minihuatuo.bench generate [--presets tiny,llama-125m] [--batch 1,16] [--dtypes float32,bfloat16] [--json]
+
+`ours_tok_s` is the fastest decoding path minihuatuo ships: the compiled decode step
+(engine/decode_step.py; `SamplingConfig(compile=True)`, `minihuatuo --compile-decode`); `eager_tok_s`
+is the eager step, and `compile_s` the one-off compilation the first call paid (not in the rates).
+`same_tokens` holds when both of our paths wrote transformers' tokens. bf16 rows cast the same weights
+to bfloat16 on both sides (transformers' baseline too), run our model with `use_kernels` (the GEMV
+kernel for batch-1 products, kernels/cpu/gemv.cpp) and add `vs_float32`: our rate over our fp32 rate at
+the same batch.
 
 Decode tokens/s excludes the prefill: each configuration is timed with max_new_tokens = N and = 1
 (prefill + first token), and rate = B·(N−1) / (t_N − t_1). Each timing is the best of --repeats runs.
 
 The bound: at batch 1 every decoded token must stream every weight matrix from memory once, so the
-time of one pass of GEMVs (F.linear with a single row) over all of the model's matrices is the
-fastest a token can be produced; `of_bound` is the fraction of it our batch-1 decode reaches.
+time of one pass of single-row products over all of the model's matrices (each through the model's
+own Linear: BLAS for fp32, the GEMV kernel for bf16) is the fastest a token can be produced;
+`of_bound` is the fraction of it our batch-1 decode reaches.
 
 transformers is the baseline here (and in bench/sft.py) and nowhere else in the package; it is
 imported only inside the benchmarks' baseline functions (the `dev` extra installs it). It is
@@ -28,6 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from minihuatuo.engine import decode_step
 from minihuatuo.engine.checkpoint import save_model
 from minihuatuo.engine.model import build_model, preset
 from minihuatuo.engine.sample import SamplingConfig, generate
@@ -43,13 +53,16 @@ def best_time(fn, repeats: int) -> float:
 
 
 def weight_streaming_bound(model, repeats: int) -> float:
-    """Tokens/s if a token cost exactly one GEMV pass over every weight matrix (no attention, no overhead)."""
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    xs = {n: torch.randn(1, n) for n in {w.shape[1] for w in mats}}
+    """Tokens/s if a token cost exactly one pass of single-row products over every weight matrix (no
+    attention, no overhead), each through the model's own `Linear` (so bf16 rows measure the path the
+    model takes for them: torch.mv or the GEMV kernel)."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    dtype = layers[0].weight.dtype
+    xs = {n: torch.randn(1, n, dtype=dtype) for n in {m.in_features for m in layers}}
 
     def one_pass():
-        for w in mats:
-            F.linear(xs[w.shape[1]], w)
+        for m in layers:
+            m(xs[m.in_features])
 
     with torch.no_grad():
         one_pass()
@@ -63,30 +76,44 @@ def decode_rate(run, B: int, N: int, repeats: int) -> float:
     return B * (N - 1) / (t_n - t_1)
 
 
-def bench_preset(name: str, batches, N: int, prompt_len: int, repeats: int, with_hf: bool) -> dict:
+def bench_preset(name: str, batches, N: int, prompt_len: int, repeats: int, with_hf: bool,
+                 dtype=torch.float32) -> dict:
     torch.manual_seed(0)
     model = build_model(preset(name), seed=0).eval()
-    result = {"preset": name, "params_M": round(model.num_parameters() / 1e6, 1),
-              "bound_tok_s": round(weight_streaming_bound(model, repeats), 1), "batches": []}
     hf = None
     if with_hf:
         import transformers  # the baseline only; see the module docstring
 
         with tempfile.TemporaryDirectory() as d:
-            save_model(model, d)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+            save_model(model, d)  # fp32 on disk; both sides cast the same numbers
+            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
+    model = model.to(dtype)
+    # bf16 batch-1 products go through our GEMV kernel (model.Linear); fp32 ones through torch's BLAS
+    model.use_kernels = dtype == torch.bfloat16
+    if model.use_kernels:
+        from minihuatuo.engine import kernels
+
+        kernels.backend("cpu")  # build (or load) the extension before anything is timed
+    result = {"preset": name, "dtype": str(dtype).removeprefix("torch."), "kernels": model.use_kernels,
+              "params_M": round(model.num_parameters() / 1e6, 1),
+              "bound_tok_s": round(weight_streaming_bound(model, repeats), 1), "batches": []}
     g = torch.Generator().manual_seed(1)
     for B in batches:
         prompts = torch.randint(1, model.cfg.vocab_size, (B, prompt_len), generator=g)
         prompt_lists = prompts.tolist()
         mask = torch.ones_like(prompts)
 
-        def ours(n):
-            return generate(model, prompt_lists, SamplingConfig(max_new_tokens=n, temperature=0), pad_id=0)
+        def ours(n, compiled=True):
+            cfg = SamplingConfig(max_new_tokens=n, temperature=0, compile=compiled)
+            return generate(model, prompt_lists, cfg, pad_id=0)
 
-        row = {"batch": B, "ours_tok_s": round(decode_rate(ours, B, N, repeats), 1)}
+        before = decode_step.compile_stats()["compile_s"]
+        ours(2)  # compiles the decode step of this shape and dtype (batch 1 and batch > 1 are two graphs)
+        row = {"batch": B, "ours_tok_s": round(decode_rate(ours, B, N, repeats), 1),
+               "compile_s": round(decode_step.compile_stats()["compile_s"] - before, 1),
+               "eager_tok_s": round(decode_rate(lambda n: ours(n, compiled=False), B, N, repeats), 1)}
         if hf is not None:
             def theirs(n):
                 with torch.no_grad():
@@ -95,7 +122,10 @@ def bench_preset(name: str, batches, N: int, prompt_len: int, repeats: int, with
 
             row["hf_tok_s"] = round(decode_rate(theirs, B, N, repeats), 1)
             row["speedup_vs_hf"] = round(row["ours_tok_s"] / row["hf_tok_s"], 2)
-            row["same_tokens"] = bool(torch.equal(ours(N).tokens, theirs(N)[:, prompt_len:]))
+            row["eager_speedup_vs_hf"] = round(row["eager_tok_s"] / row["hf_tok_s"], 2)
+            reference = theirs(N)[:, prompt_len:]
+            row["same_tokens"] = bool(torch.equal(ours(N).tokens, reference)
+                                      and torch.equal(ours(N, compiled=False).tokens, reference))
         if B == 1:
             row["of_bound"] = round(row["ours_tok_s"] / result["bound_tok_s"], 3)
             if hf is not None:
@@ -122,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="weight dtypes; float32 rows first (the bf16 rows compare against them)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
@@ -134,27 +166,42 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             with_hf = False
     batches = [int(b) for b in args.batch.split(",")]
+    dtypes = []
+    for d in args.dtypes.split(","):
+        if d not in ("float32", "bfloat16"):
+            p.error(f"--dtypes: {d!r} is not float32 or bfloat16")
+        dtypes.append(getattr(torch, d))
     report = {"machine": machine(), "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
-              "dtype": "float32", "results": []}
-    for name in args.presets.split(","):
-        report["results"].append(bench_preset(name, batches, args.new_tokens, args.prompt_len, args.repeats,
-                                              with_hf))
+              "ours": "compiled decode step (engine/decode_step.py)", "results": []}
+    for dtype in dtypes:
+        for name in args.presets.split(","):
+            r = bench_preset(name, batches, args.new_tokens, args.prompt_len, args.repeats, with_hf, dtype)
+            fp32 = next((x for x in report["results"] if x["preset"] == name and x["dtype"] == "float32"), None)
+            if dtype != torch.float32 and fp32 is not None:
+                for row, base in zip(r["batches"], fp32["batches"]):
+                    row["vs_float32"] = round(row["ours_tok_s"] / base["ours_tok_s"], 2)
+                    row["vs_float32_eager"] = round(row["ours_tok_s"] / base["eager_tok_s"], 2)
+            report["results"].append(r)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     m = report["machine"]
-    print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); fp32, greedy, "
-          f"{args.prompt_len}-token prompt, {args.new_tokens} new tokens; decode tokens/s (best of {args.repeats})")
+    print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads); greedy, "
+          f"{args.prompt_len}-token prompt, {args.new_tokens} new tokens; decode tokens/s (best of {args.repeats}); "
+          "minihuatuo = the compiled decode step (eager step in brackets)")
     for r in report["results"]:
-        print(f"\n{r['preset']} ({r['params_M']}M params), weight-streaming bound {r['bound_tok_s']} tok/s")
+        print(f"\n{r['preset']} ({r['params_M']}M params), {r['dtype']}, weight-streaming bound {r['bound_tok_s']} tok/s")
         for row in r["batches"]:
-            line = f"  batch {row['batch']:>3}: minihuatuo {row['ours_tok_s']:>8} tok/s"
+            line = (f"  batch {row['batch']:>3}: minihuatuo {row['ours_tok_s']:>8} tok/s ({row['eager_tok_s']})"
+                    f" [compile {row['compile_s']} s]")
             if "hf_tok_s" in row:
                 line += (f" | transformers {row['hf_tok_s']:>8} tok/s | x{row['speedup_vs_hf']}"
-                         f" | same tokens: {'yes' if row['same_tokens'] else 'NO'}")
+                         f" (x{row['eager_speedup_vs_hf']}) | same tokens: {'yes' if row['same_tokens'] else 'NO'}")
             if "of_bound" in row:
                 line += f" | {row['of_bound']:.0%} of bound"
                 if "hf_of_bound" in row:
                     line += f" (transformers {row['hf_of_bound']:.0%})"
+            if "vs_float32" in row:
+                line += f" | x{row['vs_float32']} our float32 (x{row['vs_float32_eager']} its eager step)"
             print(line)
     return 0

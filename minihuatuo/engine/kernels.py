@@ -7,6 +7,8 @@
     linear_logprobs_and_entropy(hidden, W, a, T)  LM head fused with the above, chunked over tokens:
                                                   never holds the (N, V) logits (the PPO training forward)
     linear_cross_entropy(hidden, W, labels)       Σ −log π(label): the SFT loss through the same path
+    gemv(x, W)                                    x Wᵀ for a few rows on a CPU (decoding; inference only),
+                                                  a torch custom op, so a compiled decode step calls it
 
 Every function computes what its namesake in `reference_kernels` computes (the readable PyTorch
 version, which is also the fallback) within the tolerances that tests/test_kernels.py states; the
@@ -38,7 +40,7 @@ from minihuatuo.engine.paths import bundled
 force_reference: bool = os.environ.get("MINIHUATUO_KERNELS", "").lower() in ("reference", "off", "0")
 
 SOURCE_DIR = bundled("kernels")
-CPU_SOURCES = ["torch_binding.cpp", "cpu/rmsnorm.cpp", "cpu/swiglu.cpp", "cpu/rope.cpp", "cpu/logprob.cpp"]
+CPU_SOURCES = ["torch_binding.cpp", "cpu/rmsnorm.cpp", "cpu/swiglu.cpp", "cpu/rope.cpp", "cpu/logprob.cpp", "cpu/gemv.cpp"]
 CUDA_SOURCES = ["cuda/rmsnorm.cu", "cuda/swiglu.cu", "cuda/rope.cu", "cuda/logprob.cu"]
 CHUNK_BYTES = 128 * 2**20  # logits of one chunk of the fused LM head (fp32): 128 MiB = 261 rows at V = 128K
 
@@ -404,3 +406,27 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
         with torch.no_grad():  # evaluation: the forward half only
             logp, _ = _LinearLogprobEntropy.apply(rows, chunk, hidden, lm_head_weight, labels, 1.0)
         return -logp.sum()
+
+
+# ----------------------------------------------------------------------------- decoding GEMV (CPU)
+
+@torch.library.custom_op("minihuatuo::gemv", mutates_args=())
+def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    ext = _kernel_for(x, weight)
+    return ref.gemv(x, weight) if ext is None or x.device.type != "cpu" else ext.gemv(x, weight)
+
+
+@_gemv.register_fake
+def _(x, weight):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, I) @ weight (O, I)ᵀ for a few rows, no gradient (reference_kernels.gemv): the products of
+    batch-1 decoding, which stream the weights once per token (kernels/cpu/gemv.cpp says why a kernel
+    of our own beats torch's for bf16). Inside torch.compile it is a torch custom op (one opaque op of the
+    graph); eagerly the extension is called directly (the custom op's dispatch costs ~13 µs a call)."""
+    if torch.compiler.is_compiling():
+        return _gemv(x, weight)
+    ext = _kernel_for(x, weight)
+    return ref.gemv(x, weight) if ext is None or x.device.type != "cpu" else ext.gemv(x, weight)

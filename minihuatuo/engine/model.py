@@ -157,7 +157,7 @@ class RMSNorm(nn.Module):
         self.use_kernels = False  # set through Transformer.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernels:
+        if self.use_kernels and not torch.compiler.is_compiling():  # compiled: inductor fuses the ops below
             return kernels.rms_norm(x, self.weight, self.eps)
         # F.rms_norm without a weight is exactly x32 * rsqrt(mean(x32²) + eps), in one fused op
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -204,16 +204,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
 
 # ----------------------------------------------------------------------------- blocks
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same names), except for a single bf16 row on a CPU without gradient:
+    torch's matrix product for one row of bfloat16 streams the weights no faster than fp32 weights
+    twice their size (notes/benchmarks.md, "bf16 weights"), and batch-1 decoding is nothing but such
+    products. There the matrix-vector product runs instead: torch.mv, or with `use_kernels` the GEMV
+    of kernels/cpu/gemv.cpp, which streams bf16 weights faster still."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_kernels = False  # set through Transformer.use_kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() == x.shape[-1]
+                and not torch.is_grad_enabled()):
+            row = x.reshape(1, -1)
+            y = kernels.gemv(row, self.weight)[0] if self.use_kernels else torch.mv(self.weight, row[0])
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], -1)
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, H, K, D = cfg.hidden_size, self.n_head, self.n_kv_head, self.head_dim
-        self.q_proj = nn.Linear(C, H * D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(C, K * D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(H * D, C, bias=cfg.o_bias)
+        self.q_proj = Linear(C, H * D, bias=cfg.qkv_bias)
+        self.k_proj = Linear(C, K * D, bias=cfg.qkv_bias)
+        self.v_proj = Linear(C, K * D, bias=cfg.qkv_bias)
+        self.o_proj = Linear(H * D, C, bias=cfg.o_bias)
         self.use_kernels = False  # set through Transformer.use_kernels
 
     def forward(self, x, cos, sin, mask, is_causal, cache, cache_start):
@@ -221,7 +243,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        if self.use_kernels:  # the fused kernel works in the projections' (B, T, nh, D) layout
+        if self.use_kernels and not torch.compiler.is_compiling():  # the kernel works in the (B, T, nh, D) layout
             q, k = kernels.rope_qk(q.transpose(1, 2), k.transpose(1, 2), cos[:, 0], sin[:, 0])
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
         else:
@@ -240,13 +262,13 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, Fw = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(C, Fw, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(C, Fw, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(Fw, C, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(C, Fw, bias=cfg.mlp_bias)
+        self.up_proj = Linear(C, Fw, bias=cfg.mlp_bias)
+        self.down_proj = Linear(Fw, C, bias=cfg.mlp_bias)
         self.use_kernels = False  # set through Transformer.use_kernels
 
     def forward(self, x):
-        if self.use_kernels:
+        if self.use_kernels and not torch.compiler.is_compiling():
             return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -285,7 +307,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if cfg.lm_head else None
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if cfg.lm_head else None
         self.score = nn.Linear(cfg.hidden_size, cfg.num_labels, bias=False) if cfg.num_labels else None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE frequencies per device, kept fp32
         self.activation_checkpointing = False  # a training switch, set from outside (sft.py / ppo.py)
@@ -294,15 +316,17 @@ class Transformer(nn.Module):
 
     @property
     def use_kernels(self) -> bool:
-        """Fused kernels (minihuatuo/kernels.py) for RMSNorm, SwiGLU and RoPE: a switch set from outside,
-        off by default. Same results as the reference within the tolerances of tests/test_kernels.py."""
+        """Fused kernels (minihuatuo/kernels.py) for RMSNorm, SwiGLU and RoPE, and the decoding GEMV of
+        bf16 rows: a switch set from outside, off by default. Same results as the reference within the
+        tolerances of tests/test_kernels.py. Inside torch.compile the elementwise kernels step aside
+        (inductor fuses those ops itself); the GEMV, a custom op, stays."""
         return self._use_kernels
 
     @use_kernels.setter
     def use_kernels(self, on: bool) -> None:
         self._use_kernels = bool(on)
         for m in self.modules():
-            if isinstance(m, (RMSNorm, Attention, MLP)):
+            if isinstance(m, (RMSNorm, Attention, MLP, Linear)):
                 m.use_kernels = self._use_kernels
 
     def reset_parameters(self):

@@ -124,3 +124,8 @@ def logprob_entropy_rows_backward(logits, targets, temperature: float, lse, entr
         grad -= p * g[:, None]
         grad.scatter_add_(1, targets.clamp(0, V - 1)[:, None], g[:, None])
     return (grad / temperature).to(logits.dtype)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (B, I) @ weight (O, I)ᵀ with fp32 sums, rounded once to x's dtype."""
+    return F.linear(_at_least_fp32(x), _at_least_fp32(weight)).to(x.dtype)

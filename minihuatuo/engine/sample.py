@@ -8,12 +8,17 @@ count real tokens only, so padding changes nothing about a row's computation. Ea
 its own (stop token id, stop string or max_new_tokens); finished rows ride along with padding until
 an eighth of the batch has finished, then they are dropped from the batch and from the cache, so a
 batch of replies of mixed lengths costs about its mean length, not its longest (decoding is bound
-by reading the KV cache: every row still in the batch costs its whole cache at every step).
+by reading the KV cache: every row still in the batch costs its whole cache at every step). A batch
+is never cut below two rows (see decode_step.py).
 
 Besides the tokens, the sampler returns log π(a_n) of each sampled token under the temperature-scaled
 distribution, log_softmax(logits / T) — before top-k / top-p truncation, which is what PPO's old
 log-probs are (notes/ppo.md checklist 6–7: the policy's log-probs are recomputed under the same temperature).
 For greedy decoding (temperature 0) they are log_softmax(logits) at the argmax.
+
+Each decode step (the cached forward of the newest token and the pick of the next) is
+`decode_step.step`; with `SamplingConfig.compile` it is the compiled form of the same function
+(decode_step.py): same tokens, several times fewer dispatches per step for a small model.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minihuatuo.engine import decode_step
+from minihuatuo.engine.decode_step import filter_logits  # noqa: F401  (re-exported)
 from minihuatuo.engine.kv_cache import KVCache
 from minihuatuo.engine.masks import position_ids_from_mask
 
@@ -34,6 +41,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()  # e.g. the tokenizer's eos ids; the stop token is kept in the output
     stop_strings: tuple[str, ...] = ()  # checked on the decoded text of each row's newest tokens
     seed: int | None = None  # seeds a private torch.Generator: same seed, same prompts -> same tokens
+    compile: bool | None = None  # the compiled decode step (decode_step.py): same tokens; None = the process default
 
 
 @dataclass
@@ -51,38 +59,18 @@ class Generation:
         return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
 
 
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits: (B, V)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the tokens ranked above it already reach top_p; the first always stays
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None):
     """Pick one token per row from logits (B, V); return (ids (B,), log-probs (B,) float32)."""
-    logits = logits.float()
+    return decode_step.pick(logits, cfg.temperature, cfg.top_k, cfg.top_p, uniform(logits.shape[0], cfg, generator,
+                                                                                  logits.device))
+
+
+def uniform(rows: int, cfg: SamplingConfig, generator: torch.Generator | None, device):
+    """The one uniform draw per row that inverse-CDF sampling uses (None when greedy). Drawn here, outside
+    the (possibly compiled) step, so that both paths consume the same random stream."""
     if cfg.temperature == 0:
-        ids = logits.argmax(-1)
-        logp = torch.log_softmax(logits, -1)
-    else:
-        scaled = logits / cfg.temperature
-        logp = torch.log_softmax(scaled, -1)
-        probs = filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1)
-        # inverse-CDF sampling: one uniform draw per row. (torch.multinomial draws one exponential
-        # per vocabulary entry: on a CPU that was a fifth of a decode step.) u < cdf[-1], so the first
-        # index whose cdf exceeds u exists and has probability > 0: filtered tokens are never picked.
-        cdf = probs.cumsum(-1)
-        u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device) * cdf[:, -1:]
-        ids = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
-    return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+        return None
+    return torch.rand((rows, 1), generator=generator, device=device)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device="cpu"):
@@ -147,10 +135,12 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int, 
 
     logits = model(ids, attention_mask=key_valid[:, :P] if padded else None, position_ids=position,
                    cache=cache, cache_start=0, last_only=True)  # (B, 1, V)
+    a, lp = sample_next(logits[:, -1], cfg, generator)
     next_pos = position[:, -1:] + 1  # (b, 1)
     row = torch.arange(B, device=device)  # row[i]: the output row of batch row i (b <= B rows left)
+    compiled = cfg.compile if cfg.compile is not None else decode_step.compile_by_default
+    step = decode_step.compiled_step if compiled else decode_step.step
     for n in range(N):
-        a, lp = sample_next(logits[:, -1], cfg, generator)
         live = ~finished[row]
         tokens[row, n] = torch.where(live, a, pad_id)
         logprobs[row, n] = torch.where(live, lp, 0.0)
@@ -170,13 +160,15 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int, 
         still = ~finished[row]
         if n == N - 1 or not bool(still.any()):
             break
-        step = tokens[row, n:n + 1]
-        if 8 * int((~still).sum()) >= len(row):  # drop the finished rows (module docstring)
+        last = tokens[row, n:n + 1]
+        if 8 * int((~still).sum()) >= len(row) and len(row) > 2:  # drop the finished rows (module docstring)
             keep = still.nonzero().flatten()
-            row, step, next_pos, key_valid = row[keep], step[keep], next_pos[keep], key_valid[keep]
+            if len(keep) < 2:  # keep two rows: the compiled step has one graph for batch 1, one for more
+                keep = torch.cat([keep, (~still).nonzero().flatten()[:2 - len(keep)]]).sort().values
+            row, last, next_pos, key_valid = row[keep], last[keep], next_pos[keep], key_valid[keep]
             cache.keep_rows(keep)
-        logits = model(step, attention_mask=key_valid[:, :P + n + 1] if padded else None,
-                       position_ids=next_pos, cache=cache, cache_start=P + n)
+        a, lp = step(model, last, key_valid[:, :P + n + 1] if padded else None, next_pos, cache, P + n,
+                     cfg.temperature, cfg.top_k, cfg.top_p, uniform(len(row), cfg, generator, device))
         next_pos = next_pos + 1
     steps = n + 1  # columns actually sampled (fewer than N when every row stopped early)
     return Generation(ids, prompt_mask, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], reasons)
