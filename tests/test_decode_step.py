@@ -164,3 +164,18 @@ def test_bf16_single_row_linear_matches_the_matrix_product():
                 y = layer(x)
                 assert y.shape == ref.shape and y.dtype == torch.bfloat16
                 torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=1e-2)
+
+
+def test_the_row_kept_for_batch_two_draws_no_random_number(monkeypatch):
+    """With the compiled step a batch is never cut to one row (a finished row rides along); the eager
+    step does cut it. The rider draws no uniform, so seeded sampling still gives the eager tokens."""
+    model = tiny(seed=5)
+    batch = prompts(6, seed=9)
+    sizes = {"eager": [], "compiled": []}
+    eager_step, compiled_step = decode_step.step, decode_step.compiled_step
+    monkeypatch.setattr(decode_step, "step", lambda *a: (sizes["eager"].append(a[1].shape[0]), eager_step(*a))[1])
+    monkeypatch.setattr(decode_step, "compiled_step",
+                        lambda *a: (sizes["compiled"].append(a[1].shape[0]), compiled_step(*a))[1])
+    eager, compiled = both(model, batch, max_new_tokens=30, temperature=1.0, seed=1, stop_token_ids=tuple(range(1, 12)))
+    assert 1 in sizes["eager"] and min(sizes["compiled"]) == 2  # the rider really rode
+    assert_same(eager, compiled)

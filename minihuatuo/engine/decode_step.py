@@ -8,24 +8,26 @@ inductor fuse the elementwise ops (RMSNorm, RoPE, SwiGLU, softmax, sampling) int
 loops written for this machine by the system C++ compiler, and leaves the matrix products to the same
 BLAS calls as before.
 
-How the compiled step is shaped (notes/benchmarks.md, "Compiled decode step", has the measurements):
+How the compiled step is shaped (notes/benchmarks.md, "The compiled decode step and bf16 weights", has
+the measurements):
 - `dynamic=True`: batch size and cache length are symbols in the generated code, so one compilation
   serves every batch of two rows or more (rows drop out as they finish) and every step (the cache grows
   by one slot): nothing recompiles per token, and the only buckets are batch 1 and batch >= 2 (dynamic
-  shapes specialise the size 1; the sampler never drops a batch below two rows, so only a call that
-  starts with one prompt compiles the batch-1 graph). The eager path's cache (kv_cache.py) is used
+  shapes specialise the size 1; with the compiled step the sampler never drops a batch below two rows,
+  so only a call that starts with one prompt compiles the batch-1 graph). The eager path's cache (kv_cache.py) is used
   unchanged, so attention reads exactly the slots written so far, as the eager path does.
 - the attention mask is always passed (all ones without padding) and the temperature is a tensor
   input, so padded and unpadded batches and every temperature share one graph.
 - dynamo inlines the model's modules, so the weights are inputs of the compiled code, not constants:
   the same compilation serves every model of the same architecture (base, SFT, policy) and sees PPO's
   in-place weight updates without recompiling. One compilation per process and mode (greedy or
-  sampling; top-k / top-p settings are constants of the graph), typically 5-40 s on a CPU; inductor keeps the
-  generated code in its on-disk cache, so a later process recompiles faster.
+  sampling; top-k / top-p settings are constants of the graph), typically 1-40 s on a CPU;
+  inductor keeps the generated code in its on-disk cache, so a later process recompiles faster.
 - the uniform draw of inverse-CDF sampling is made outside the compiled code (eager, from the caller's
   torch.Generator), so the random stream is the eager path's and a seed gives the same draws.
 Results are the eager step's up to float rounding (fused reductions sum in another order): greedy
-tokens are identical to the eager path's (tests/test_decode_step.py), and log-probs agree to ~1e-5.
+tokens were identical to the eager path's in every test and benchmark (tests/test_decode_step.py,
+bench generate), and log-probs agree to ~1e-5; a near-tie between two logits could still flip.
 
 Where no compiler is available (or compilation fails for any reason) the step says so in one line on
 stderr and runs eagerly from then on.

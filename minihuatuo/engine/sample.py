@@ -8,8 +8,9 @@ count real tokens only, so padding changes nothing about a row's computation. Ea
 its own (stop token id, stop string or max_new_tokens); finished rows ride along with padding until
 an eighth of the batch has finished, then they are dropped from the batch and from the cache, so a
 batch of replies of mixed lengths costs about its mean length, not its longest (decoding is bound
-by reading the KV cache: every row still in the batch costs its whole cache at every step). A batch
-is never cut below two rows (see decode_step.py).
+by reading the KV cache: every row still in the batch costs its whole cache at every step). The
+compiled step never cuts a batch below two rows (see decode_step.py); that extra row draws no random
+number, so a seed gives the same tokens on both paths.
 
 Besides the tokens, the sampler returns log π(a_n) of each sampled token under the temperature-scaled
 distribution, log_softmax(logits / T) — before top-k / top-p truncation, which is what PPO's old
@@ -140,6 +141,7 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int, 
     row = torch.arange(B, device=device)  # row[i]: the output row of batch row i (b <= B rows left)
     compiled = cfg.compile if cfg.compile is not None else decode_step.compile_by_default
     step = decode_step.compiled_step if compiled else decode_step.step
+    rider_at = None  # compiled path only: the batch position of a finished row kept to stay at batch >= 2
     for n in range(N):
         live = ~finished[row]
         tokens[row, n] = torch.where(live, a, pad_id)
@@ -161,14 +163,21 @@ def generate(model, prompts: list[list[int]], cfg: SamplingConfig, pad_id: int, 
         if n == N - 1 or not bool(still.any()):
             break
         last = tokens[row, n:n + 1]
-        if 8 * int((~still).sum()) >= len(row) and len(row) > 2:  # drop the finished rows (module docstring)
+        if 8 * int((~still).sum()) >= len(row):  # drop the finished rows (module docstring)
             keep = still.nonzero().flatten()
-            if len(keep) < 2:  # keep two rows: the compiled step has one graph for batch 1, one for more
-                keep = torch.cat([keep, (~still).nonzero().flatten()[:2 - len(keep)]]).sort().values
+            if compiled and len(keep) == 1 and len(row) > 1:
+                # the compiled step keeps a second (finished) row: batch 1 is a graph of its own
+                # (decode_step.py). It draws no uniform, so the random stream stays the eager path's.
+                rider = (~still).nonzero().flatten()[:1]
+                keep = torch.cat([keep, rider]).sort().values
+                rider_at = int((keep == rider).nonzero())
             row, last, next_pos, key_valid = row[keep], last[keep], next_pos[keep], key_valid[keep]
             cache.keep_rows(keep)
+        u = uniform(len(row) - (rider_at is not None), cfg, generator, device)
+        if u is not None and rider_at is not None:
+            u = torch.cat([u[:rider_at], u.new_zeros(1, 1), u[rider_at:]])
         a, lp = step(model, last, key_valid[:, :P + n + 1] if padded else None, next_pos, cache, P + n,
-                     cfg.temperature, cfg.top_k, cfg.top_p, uniform(len(row), cfg, generator, device))
+                     cfg.temperature, cfg.top_k, cfg.top_p, u)
         next_pos = next_pos + 1
     steps = n + 1  # columns actually sampled (fewer than N when every row stopped early)
     return Generation(ids, prompt_mask, tokens[:, :steps], logprobs[:, :steps], mask[:, :steps], reasons)
