@@ -196,3 +196,66 @@ def test_results_table_prints_the_audit_line(tmp_path):
                     "100.0% in the last, 56.2% overall"]
     results["rl_verifier"] = {"kind": "rule"}
     assert not [x for x in results_table(results).splitlines() if x.startswith("PPO verifier")]
+
+
+class _ScriptedJudge:
+    """A judge with fixed verdicts, for the counting of grade_on_replies (control flow only)."""
+
+    def __init__(self, verdicts):
+        self.verdicts, self.asked = list(verdicts), []
+
+    def verify_batch(self, pairs):
+        self.asked.extend(pairs)
+        return self.verdicts[:len(pairs)]
+
+
+def _graded(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reply = "## Thinking\n\nsome reasoning\n\n## Final Response\n\n{}"
+    path.write_text("".join(json.dumps({"reply": reply.format(y) if y else "no format at all", "answer": a,
+                                        "correct": c}) + "\n" for y, a, c in rows))
+
+
+def test_grade_on_replies_counts_by_hand(tmp_path):
+    """TP, FN, FP, TN, TN and one reply without a final response (no reward whatever the verdict: left out)."""
+    from minihuatuo.pipeline.demo_verifier import grade_on_replies
+
+    rows = [("It is flucloxacillin.", "flucloxacillin", True), ("It is Floxapen.", "flucloxacillin", True),
+            ("It is Amoxil.", "flucloxacillin", False), ("It is asthma.", "COPD", False), (None, "COPD", False),
+            ("Either A or B.", "A", False)]
+    _graded(tmp_path / "eval" / "sft.jsonl", rows)
+    judge = _ScriptedJudge([True, False, True, False, False])
+    g = grade_on_replies(judge, tmp_path / "eval" / "sft.jsonl")
+    assert judge.asked == [(y, a) for y, a, _ in rows if y is not None]
+    assert g["n"] == 5 and g["accuracy"] == pytest.approx(3 / 5)
+    assert g["true_positive_rate"] == pytest.approx(1 / 2) and g["false_positive_rate"] == pytest.approx(1 / 3)
+    assert g["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_results_grade_the_classifier_on_the_models_own_replies(tmp_path, monkeypatch):
+    from minihuatuo.pipeline.demo_verifier import verifier_results
+    from minihuatuo.pipeline.report import results_table
+    from minihuatuo.services import verifier as verifier_module
+
+    (tmp_path / "verifier").mkdir()
+    (tmp_path / "verifier" / "summary.json").write_text(json.dumps(
+        {"kind": "classifier", "heldout_plain": {"balanced_accuracy": 0.9}, "heldout_adversarial":
+         {"balanced_accuracy": 0.95}}))
+    log = tmp_path / "ppo" / "verifier_audit.jsonl"
+    log.parent.mkdir()
+    log.write_text(json.dumps(audit_row(1, [True, False], [True, False])) + "\n")
+    _graded(tmp_path / "eval" / "sft.jsonl", [("A.", "A", True), ("B.", "A", False)])
+    _graded(tmp_path / "eval" / "ppo.jsonl", [("A.", "A", True), ("B.", "A", False), ("C.", "A", False)])
+    opened = []
+    monkeypatch.setattr(verifier_module.ClassifierVerifier, "from_dir",
+                        classmethod(lambda cls, path: (opened.append(path), _ScriptedJudge([True, True, True]))[1]))
+    info = verifier_results(tmp_path)
+    assert opened == [tmp_path / "verifier" / "final"]
+    assert info["on_replies"]["sft"]["false_positive_rate"] == 1.0 and info["on_replies"]["ppo"]["n"] == 3
+    stage = {"accuracy": 0.5, "n": 2, "unfinished": 0.0, "reflection": 1.0, "first_accuracy": 0.5,
+             "reflection_gain": 0.0, "mcq_accuracy": 0.0, "avg_response_tokens": 10, "by_type": {}}
+    table = results_table({"base": stage, "sft": stage, "ppo": stage, "rl_verifier": info})
+    assert "PPO verifier on the models' own held-out replies (accuracy, false-positive rate): sft 50.0%, 100.0%; " \
+           "ppo 33.3%, 100.0%" in table
+    (tmp_path / "verifier" / "summary.json").write_text(json.dumps({"kind": "rule"}))
+    assert "on_replies" not in verifier_results(tmp_path)

@@ -158,9 +158,35 @@ def ppo_verifier(cfg: RLVerifierConfig, base_dir, seed: int, heldout_seed: int, 
     return judge
 
 
+def grade_on_replies(judge, graded: Path) -> dict:
+    """A verifier's verdicts on a model's own graded held-out replies (eval/NAME.jsonl: `reply`, `answer`
+    and the world's `correct`), the pairs RL actually rewards, unlike world pairs: this accuracy, not the
+    held-out pairs', is what bounds PPO (notes/verifier.md). Replies without a strict final response get
+    no reward whatever the verifier says (reward.py) and are left out."""
+    from minihuatuo.services.response_format import extract_final_response
+
+    rows = [json.loads(line) for line in Path(graded).read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [(y, r) for y, r in ((extract_final_response(r["reply"], "strict"), r) for r in rows) if y is not None]
+    judged = list(judge.verify_batch([(y, r["answer"]) for y, r in kept])) if kept else []
+    truth = [bool(r["correct"]) for _, r in kept]
+    right, wrong = sum(truth), len(truth) - sum(truth)
+    tpr = sum(j and t for j, t in zip(judged, truth)) / right if right else None
+    fpr = sum(j and not t for j, t in zip(judged, truth)) / wrong if wrong else None
+    return {"n": len(kept), "accuracy": sum(j == t for j, t in zip(judged, truth)) / len(kept) if kept else None,
+            "true_positive_rate": tpr, "false_positive_rate": fpr,
+            "balanced_accuracy": (tpr + 1 - fpr) / 2 if tpr is not None and fpr is not None else None}
+
+
 def verifier_results(out: Path) -> dict:
-    """results.json's "rl_verifier": the summary, and the audit's when PPO was rewarded by a classifier."""
+    """results.json's "rl_verifier": the summary; when PPO was rewarded by a classifier, the audit's, and
+    the classifier's grade on the SFT and PPO models' own held-out replies (`on_replies`)."""
     info = json.loads((out / "verifier" / "summary.json").read_text(encoding="utf-8"))
     if (out / "ppo" / "verifier_audit.jsonl").exists():
         info["audit"] = summarize_audit(out / "ppo" / "verifier_audit.jsonl")
+    graded = {name: out / "eval" / f"{name}.jsonl" for name in ("sft", "ppo")}
+    if info.get("kind") == "classifier" and any(p.exists() for p in graded.values()):
+        from minihuatuo.services.verifier import ClassifierVerifier
+
+        judge = ClassifierVerifier.from_dir(out / "verifier" / "final")
+        info["on_replies"] = {name: grade_on_replies(judge, p) for name, p in graded.items() if p.exists()}
     return info

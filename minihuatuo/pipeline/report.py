@@ -39,6 +39,10 @@ def results_table(results: dict) -> str:
                      f"the ground truth rejects: {pct(audit['first_eighth']['hack_rate'])} in the first eighth of "
                      f"the updates, {pct(audit['last_eighth']['hack_rate'])} in the last, "
                      f"{pct(audit['all']['hack_rate'])} overall")
+        own = v.get("on_replies", {})
+        if own:  # the pairs RL rewards: the models' own replies (demo_verifier.grade_on_replies)
+            lines.append("PPO verifier on the models' own held-out replies (accuracy, false-positive rate): " + "; ".join(
+                f"{name} {pct(g['accuracy'])}, {pct(g['false_positive_rate'])}" for name, g in own.items()))
     if "timings_s" in results:  # not for a re-grading of an earlier run (demo --evaluate)
         lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items())
                      + f"; total {results['total_wall_s']:.0f}s")
