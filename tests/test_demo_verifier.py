@@ -174,20 +174,29 @@ def test_ppo_with_an_audited_verifier_writes_one_audit_line_per_update(tmp_path)
     assert len([m for m in metrics if "update" in m]) == 3
 
 
+# one stage's row of results.json, as the report reads it
+STAGE = {"accuracy": 0.5, "n": 2, "unfinished": 0.0, "reflection": 1.0, "first_accuracy": 0.5, "reflection_gain": 0.0,
+         "mcq_accuracy": 0.0, "avg_response_tokens": 10, "by_type": {}}
+
+
+def _classifier_summary(out, plain: float, adversarial: float):
+    """out/verifier/summary.json as ppo_verifier writes it for a classifier."""
+    (out / "verifier").mkdir()
+    (out / "verifier" / "summary.json").write_text(json.dumps(
+        {"kind": "classifier", "heldout_plain": {"balanced_accuracy": plain},
+         "heldout_adversarial": {"balanced_accuracy": adversarial}}))
+
+
 def test_results_table_prints_the_audit_line(tmp_path):
     from minihuatuo.pipeline.demo_verifier import verifier_results
     from minihuatuo.pipeline.report import results_table
 
-    (tmp_path / "verifier").mkdir()
-    (tmp_path / "verifier" / "summary.json").write_text(json.dumps(
-        {"kind": "classifier", "heldout_plain": {"balanced_accuracy": 0.934}, "heldout_adversarial":
-         {"balanced_accuracy": 0.988}}))
+    _classifier_summary(tmp_path, 0.934, 0.988)
     log = tmp_path / "ppo" / "verifier_audit.jsonl"
     log.parent.mkdir()
     log.write_text("".join(json.dumps(audit_row(i + 1, j, t)) + "\n" for i, (j, t) in enumerate(
         [([True, True, False, False], [True, False, False, False])] * 7 + [([True, True], [False, False])])))
-    stage = {"accuracy": 0.5, "n": 2, "unfinished": 0.0, "reflection": 1.0, "first_accuracy": 0.5,
-             "reflection_gain": 0.0, "mcq_accuracy": 0.0, "avg_response_tokens": 10, "by_type": {}}
+    stage = STAGE
     results = {"base": stage, "sft": stage, "ppo": stage, "rl_verifier": verifier_results(tmp_path)}
     assert results["rl_verifier"]["audit"]["updates"] == 8
     line = [x for x in results_table(results).splitlines() if x.startswith("PPO verifier")]
@@ -237,10 +246,7 @@ def test_results_grade_the_classifier_on_the_models_own_replies(tmp_path, monkey
     from minihuatuo.pipeline.report import results_table
     from minihuatuo.services import verifier as verifier_module
 
-    (tmp_path / "verifier").mkdir()
-    (tmp_path / "verifier" / "summary.json").write_text(json.dumps(
-        {"kind": "classifier", "heldout_plain": {"balanced_accuracy": 0.9}, "heldout_adversarial":
-         {"balanced_accuracy": 0.95}}))
+    _classifier_summary(tmp_path, 0.9, 0.95)
     log = tmp_path / "ppo" / "verifier_audit.jsonl"
     log.parent.mkdir()
     log.write_text(json.dumps(audit_row(1, [True, False], [True, False])) + "\n")
@@ -252,8 +258,7 @@ def test_results_grade_the_classifier_on_the_models_own_replies(tmp_path, monkey
     info = verifier_results(tmp_path)
     assert opened == [tmp_path / "verifier" / "final"]
     assert info["on_replies"]["sft"]["false_positive_rate"] == 1.0 and info["on_replies"]["ppo"]["n"] == 3
-    stage = {"accuracy": 0.5, "n": 2, "unfinished": 0.0, "reflection": 1.0, "first_accuracy": 0.5,
-             "reflection_gain": 0.0, "mcq_accuracy": 0.0, "avg_response_tokens": 10, "by_type": {}}
+    stage = STAGE
     table = results_table({"base": stage, "sft": stage, "ppo": stage, "rl_verifier": info})
     assert "PPO verifier on the models' own held-out replies (accuracy, false-positive rate): sft 50.0%, 100.0%; " \
            "ppo 33.3%, 100.0%" in table

@@ -99,8 +99,14 @@ class _Compiled:
         self.calls = 0  # steps run through this object (compiled or fallen back)
 
     def __call__(self, model, ids, attention_mask, position_ids, cache, cache_start, temperature, top_k, top_p, u):
-        args = (model, ids, attention_mask, position_ids, cache, cache_start, temperature, top_k, top_p, u)
         self.calls += 1
+        if self.failed is None:
+            if attention_mask is None:  # one graph whether or not the batch has padding: an all-visible mask
+                attention_mask = torch.ones(ids.shape[0], cache_start + ids.shape[1], dtype=torch.long,
+                                            device=ids.device)
+            if u is not None:  # one graph for every temperature: a tensor input, not a constant
+                temperature = torch.tensor(temperature, dtype=torch.float32, device=ids.device)
+        args = (model, ids, attention_mask, position_ids, cache, cache_start, temperature, top_k, top_p, u)
         if self.failed is not None:
             return step(*args)
         if self.fn is None:
@@ -110,11 +116,6 @@ class _Compiled:
             self.fn = torch.compile(step, dynamic=True)
         from torch._dynamo.utils import counters
 
-        if attention_mask is None:  # one graph whether or not the batch has padding: an all-visible mask
-            attention_mask = torch.ones(ids.shape[0], cache_start + ids.shape[1], dtype=torch.long, device=ids.device)
-        if u is not None:  # one graph for every temperature: a tensor input, not a constant
-            temperature = torch.tensor(temperature, dtype=torch.float32, device=ids.device)
-        args = (model, ids, attention_mask, position_ids, cache, cache_start, temperature, top_k, top_p, u)
         graphs = counters["stats"]["unique_graphs"]
         t = time.perf_counter()
         try:
@@ -129,15 +130,15 @@ class _Compiled:
             seconds = time.perf_counter() - t
             self.compile_s += seconds
             self.compiles += 1
-            print(f"minihuatuo: compiled the decode step in {seconds:.1f} s (once per process and mode: greedy or sampling, batch 1 or more)",
-                  file=sys.stderr)
+            print(f"minihuatuo: compiled the decode step in {seconds:.1f} s (once per process and mode: "
+                  "greedy or sampling, batch 1 or more)", file=sys.stderr)
         return out
 
 
 compiled_step = _Compiled()
 
 # What `SamplingConfig(compile=None)` means: off unless a program turns it on for every stage at once
-# (`minihuatuo --compile-decode ...`, `minihuatuo demo --compile-decode`).
+# (`minihuatuo --compile-decode CMD ...`, e.g. `minihuatuo --compile-decode demo`).
 compile_by_default = False
 
 
