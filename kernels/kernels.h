@@ -61,6 +61,11 @@ void mh_cpu_logprob_entropy_backward(const void *logits, int64_t ld, const int64
 /* y = x W^T for a few rows (decoding): x (B, I), W (O, I) row-major, y (B, O); fp32 sums. */
 void mh_cpu_gemv(const void *x, const void *w, void *y, int64_t B, int64_t O, int64_t I, int dtype, int nthreads);
 
+/* The same with int8 weights, one scale per output row: y[b, o] = scale[o] * sum_i x[b, i] q[o, i];
+ * x and y of `dtype` (float32 or bf16), fp32 sums. */
+void mh_cpu_gemv_int8(const void *x, const int8_t *q, const float *scale, void *y, int64_t B, int64_t O, int64_t I,
+                      int dtype, int nthreads);
+
 /* ---- CUDA (the files in cuda/): the same functions on device pointers ------------------------------- */
 
 int mh_cuda_rmsnorm_forward(const void *x, const void *w, void *y, float *rstd, int64_t N, int64_t C,

@@ -242,6 +242,22 @@ at::Tensor gemv(at::Tensor x, at::Tensor w) {
     return y;
 }
 
+at::Tensor gemv_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
+    TORCH_CHECK(!x.is_cuda() && !q.is_cuda() && !scale.is_cuda(), "gemv_int8: CPU only");
+    TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat,
+                "gemv_int8: q must be int8 and scale float32");
+    TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1) && scale.dim() == 1 &&
+                    scale.size(0) == q.size(0),
+                "gemv_int8: x must be (B, I), q (O, I) and scale (O,)");
+    x = x.contiguous();
+    q = q.contiguous();
+    scale = scale.contiguous();
+    auto y = at::empty({x.size(0), q.size(0)}, x.options());
+    mh_cpu_gemv_int8(x.data_ptr(), q.data_ptr<int8_t>(), scale.data_ptr<float>(), y.data_ptr(), x.size(0), q.size(0),
+                     q.size(1), dtype_code(x), threads());
+    return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -254,6 +270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("logprob_entropy_forward", &logprob_entropy_forward);
     m.def("logprob_entropy_backward", &logprob_entropy_backward);
     m.def("gemv", &gemv);
+    m.def("gemv_int8", &gemv_int8);
 #ifdef MH_WITH_CUDA
     m.attr("with_cuda") = true;
 #else

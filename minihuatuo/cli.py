@@ -121,6 +121,9 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weights dtype; 'auto' keeps the stored one (default float32)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: int8 weight-only projections for CPU decoding (engine/quantize.py; activations "
+                        "stay in --dtype; the int8 GEMV kernel on CPU)")
     p.add_argument("--device", default=_default_device(), help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256)
     p.add_argument("--temperature", type=nonnegative_float, default=0.7, help="0 = greedy")
@@ -141,6 +144,11 @@ def _load(args, chat: bool = True):
     if chat and not tokenizer.has_chat_template:  # say so before the weights are read
         raise ValueError(tokenizer.template_error)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device).eval()
+    if args.quantize == "int8":
+        from minihuatuo.engine.quantize import quantize_model_int8
+
+        model = quantize_model_int8(model)
+        model.use_kernels = model.model.embed_tokens.weight.device.type == "cpu"  # the int8 GEMV kernel
     return model, tokenizer
 
 

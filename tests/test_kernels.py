@@ -342,6 +342,26 @@ def test_gemv_matches_reference(dev, dtype, B, O, I):
     assert K._kernel_for(x, w) is not None
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B, O, I", [(1, 37, 531), (3, 130, 96), (1, 4, 7), (2, 1024, 768)])
+def test_gemv_int8_matches_reference(dev, dtype, B, O, I):
+    """int8 weights with a scale per row: parity with the reference (fp32 sums of x · q times the
+    scale) on the same awkward shapes, in both activation dtypes."""
+    if dev.type != "cpu":
+        pytest.skip("the GEMV is a CPU kernel")
+    g = torch.Generator().manual_seed(B * O + I)
+    x = torch.randn(B, I, generator=g).to(dtype)
+    q = torch.randint(-127, 128, (O, I), generator=g, dtype=torch.int8)
+    scale = torch.rand(O, generator=g) / 100 + 1e-4
+    y, y_ref = K.gemv_int8(x, q, scale), R.gemv_int8(x, q, scale)
+    assert y.dtype == dtype and y.shape == (B, O)
+    check(y, y_ref, TOL[dtype], "gemv_int8")
+    # the reference itself is the dequantised product, hand-written here in float64
+    exact = x.double() @ (q.double() * scale.double()[:, None]).T
+    check(y_ref, exact, TOL[dtype], "reference gemv_int8")
+    assert K._int8_extension(x, q, scale) is not None  # the kernel ran, not the reference
+
+
 def test_bf16_decoding_with_the_gemv_kernel(dev):
     """Batch-1 bf16 decoding routes the model's products through the GEMV kernel (use_kernels), also
     inside the compiled decode step (a custom op), with the logits of the reference path."""

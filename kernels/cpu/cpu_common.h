@@ -18,6 +18,7 @@ namespace mh {
 using bf16 = uint16_t;  // raw bits of a bfloat16: the upper half of an IEEE float
 
 static inline float to_float(float v) { return v; }
+static inline float to_float(int8_t v) { return float(v); }  // int8 weights (gemv_int8): exact
 static inline float to_float(bf16 v) {
     uint32_t u = uint32_t(v) << 16;
     float f;

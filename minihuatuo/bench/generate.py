@@ -1,7 +1,8 @@
 """Decode speed: minihuatuo's KV-cache sampler vs transformers' `generate` on the same random-weight
-checkpoint, greedy, fp32 (and bf16), plus the weight-streaming bound measured in the same run.
+checkpoint, greedy, fp32 (and bf16, int8 weights), plus the weight-streaming bound measured in the same run.
 
-    python -m minihuatuo.bench generate [--presets tiny,llama-125m] [--batch 1,16] [--dtypes float32,bfloat16] [--json]
+    python -m minihuatuo.bench generate [--presets tiny,llama-125m] [--batch 1,16]
+                                        [--dtypes float32,bfloat16,int8] [--json]
 
 `ours_tok_s` is the fastest decoding path minihuatuo ships: the compiled decode step
 (engine/decode_step.py; `SamplingConfig(compile=True)`, `minihuatuo --compile-decode`); `eager_tok_s`
@@ -9,14 +10,17 @@ is the eager step, and `compile_s` the one-off compilation the first call paid (
 `same_tokens` holds when both of our paths wrote transformers' tokens. bf16 rows cast the same weights
 to bfloat16 on both sides (transformers' baseline too), run our model with `use_kernels` (the GEMV
 kernel for batch-1 products, kernels/cpu/gemv.cpp) and add `vs_float32`: our rate over our fp32 rate at
-the same batch.
+the same batch. int8 rows quantise every projection's weights (engine/quantize.py: int8 with a scale per
+row; activations fp32) and run them through the int8 GEMV kernel; their transformers baseline runs in
+fp32 on the dequantised weights — the function our int8 model computes, summed in another order — so
+`same_tokens` is parity there too.
 
 Decode tokens/s excludes the prefill: each configuration is timed with max_new_tokens = N and = 1
 (prefill + first token), and rate = B·(N−1) / (t_N − t_1). Each timing is the best of --repeats runs.
 
 The bound: at batch 1 every decoded token must stream every weight matrix from memory once, so the
 time of one pass of single-row products over all of the model's matrices (each through the model's
-own Linear: BLAS for fp32, the GEMV kernel for bf16) is the fastest a token can be produced;
+own Linear: BLAS for fp32, the GEMV kernel for bf16 and int8) is the fastest a token can be produced;
 `of_bound` is the fraction of it our batch-1 decode reaches.
 
 transformers is the baseline here (and in bench/sft.py) and nowhere else in the package; it is
@@ -39,7 +43,8 @@ import torch.nn.functional as F
 
 from minihuatuo.engine import decode_step
 from minihuatuo.engine.checkpoint import save_model
-from minihuatuo.engine.model import build_model, preset
+from minihuatuo.engine.model import Linear, build_model, preset
+from minihuatuo.engine.quantize import Int8Linear, dequantize_int8, quantize_int8, quantize_model_int8
 from minihuatuo.engine.sample import SamplingConfig, generate
 
 
@@ -55,9 +60,9 @@ def best_time(fn, repeats: int) -> float:
 def weight_streaming_bound(model, repeats: int) -> float:
     """Tokens/s if a token cost exactly one pass of single-row products over every weight matrix (no
     attention, no overhead), each through the model's own `Linear` (so bf16 rows measure the path the
-    model takes for them: torch.mv or the GEMV kernel)."""
-    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    dtype = layers[0].weight.dtype
+    model takes for them: torch.mv or the GEMV kernel; int8 rows the int8 kernel)."""
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    dtype = model.model.embed_tokens.weight.dtype  # the activations' dtype
     xs = {n: torch.randn(1, n, dtype=dtype) for n in {m.in_features for m in layers}}
 
     def one_pass():
@@ -77,9 +82,18 @@ def decode_rate(run, B: int, N: int, repeats: int) -> float:
 
 
 def bench_preset(name: str, batches, N: int, prompt_len: int, repeats: int, with_hf: bool,
-                 dtype=torch.float32) -> dict:
+                 dtype="float32") -> dict:
+    """dtype: "float32", "bfloat16" or "int8" (int8 weights, fp32 activations)."""
     torch.manual_seed(0)
     model = build_model(preset(name), seed=0).eval()
+    n_params = model.num_parameters()
+    int8 = dtype == "int8"
+    if int8:  # round the weights to their int8 values first, so that transformers gets the same function
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, Linear):
+                    m.weight.copy_(dequantize_int8(*quantize_int8(m.weight)))
+    dtype = torch.float32 if int8 else getattr(torch, dtype)
     hf = None
     if with_hf:
         import transformers  # the baseline only; see the module docstring
@@ -90,14 +104,18 @@ def bench_preset(name: str, batches, N: int, prompt_len: int, repeats: int, with
         hf.generation_config.eos_token_id = None
         hf.generation_config.pad_token_id = 0
     model = model.to(dtype)
-    # bf16 batch-1 products go through our GEMV kernel (model.Linear); fp32 ones through torch's BLAS
-    model.use_kernels = dtype == torch.bfloat16
+    if int8:  # re-quantising the rounded weights gives back the same int8 values
+        model = quantize_model_int8(model)
+    # bf16 batch-1 products go through our GEMV kernel (model.Linear), int8 ones through the int8 GEMV
+    # (Int8Linear); fp32 ones through torch's BLAS
+    model.use_kernels = dtype == torch.bfloat16 or int8
     if model.use_kernels:
         from minihuatuo.engine import kernels
 
         kernels.backend("cpu")  # build (or load) the extension before anything is timed
-    result = {"preset": name, "dtype": str(dtype).removeprefix("torch."), "kernels": model.use_kernels,
-              "params_M": round(model.num_parameters() / 1e6, 1),
+    result = {"preset": name, "dtype": "int8" if int8 else str(dtype).removeprefix("torch."),
+              "kernels": model.use_kernels,
+              "params_M": round(n_params / 1e6, 1),
               "bound_tok_s": round(weight_streaming_bound(model, repeats), 1), "batches": []}
     g = torch.Generator().manual_seed(1)
     for B in batches:
@@ -152,8 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtypes", default="float32,bfloat16",
-                   help="weight dtypes; float32 rows first (the bf16 rows compare against them)")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8",
+                   help="weight dtypes (float32, bfloat16, int8); float32 rows first (the others compare "
+                        "against them)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args(argv)
@@ -166,18 +185,17 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             with_hf = False
     batches = [int(b) for b in args.batch.split(",")]
-    dtypes = []
-    for d in args.dtypes.split(","):
-        if d not in ("float32", "bfloat16"):
-            p.error(f"--dtypes: {d!r} is not float32 or bfloat16")
-        dtypes.append(getattr(torch, d))
+    dtypes = args.dtypes.split(",")
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "int8"):
+            p.error(f"--dtypes: {d!r} is not float32, bfloat16 or int8")
     report = {"machine": machine(), "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
               "ours": "compiled decode step (engine/decode_step.py)", "results": []}
     for dtype in dtypes:
         for name in args.presets.split(","):
             r = bench_preset(name, batches, args.new_tokens, args.prompt_len, args.repeats, with_hf, dtype)
             fp32 = next((x for x in report["results"] if x["preset"] == name and x["dtype"] == "float32"), None)
-            if dtype != torch.float32 and fp32 is not None:
+            if dtype != "float32" and fp32 is not None:
                 for row, base in zip(r["batches"], fp32["batches"]):
                     row["vs_float32"] = round(row["ours_tok_s"] / base["ours_tok_s"], 2)
                     row["vs_float32_eager"] = round(row["ours_tok_s"] / base["eager_tok_s"], 2)

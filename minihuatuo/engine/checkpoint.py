@@ -241,6 +241,10 @@ def save_model(model: Transformer, path, max_shard_bytes: int = 5 * 2**30, copy_
     """Write `model` as an HF checkpoint directory, atomically (see `atomic_dir`).
     copy_files_from: a directory whose tokenizer / chat-template / generation-config files are copied alongside.
     dtype: the dtype of the written weights (and of config.json's torch_dtype); None keeps the model's."""
+    if any(name.endswith(".qweight") for name, _ in model.named_buffers()):
+        # int8 projections (engine/quantize.py) are a decoding format with no HF layout to write
+        raise ValueError(f"{path}: this model has int8-quantised projections (quantize_model_int8); "
+                         "save the model before quantising it")
     with atomic_dir(path) as tmp:
         write_model_files(model, tmp, max_shard_bytes, copy_files_from, dtype=dtype)
     return Path(path)

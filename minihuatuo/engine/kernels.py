@@ -9,6 +9,8 @@
     linear_cross_entropy(hidden, W, labels)       Σ −log π(label): the SFT loss through the same path
     gemv(x, W)                                    x Wᵀ for a few rows on a CPU (decoding; inference only),
                                                   a torch custom op, so a compiled decode step calls it
+    gemv_int8(x, q, scale)                        the same with int8 weights and a scale per row
+                                                  (engine/quantize.py), also a custom op
 
 Every function computes what its namesake in `reference_kernels` computes (the readable PyTorch
 version, which is also the fallback) within the tolerances that tests/test_kernels.py states; the
@@ -430,3 +432,33 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _gemv(x, weight)
     ext = _kernel_for(x, weight)
     return ref.gemv(x, weight) if ext is None or x.device.type != "cpu" else ext.gemv(x, weight)
+
+
+def _int8_extension(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor):
+    """The CPU extension for gemv_int8, or None for the reference (as _kernel_for, with int8 weights)."""
+    if (force_reference or x.device.type != "cpu" or qweight.device != x.device or scale.device != x.device
+            or x.dtype not in (torch.float32, torch.bfloat16) or qweight.dtype != torch.int8
+            or scale.dtype != torch.float32):
+        return None
+    return _extension("cpu")
+
+
+@torch.library.custom_op("minihuatuo::gemv_int8", mutates_args=())
+def _gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    ext = _int8_extension(x, qweight, scale)
+    return ref.gemv_int8(x, qweight, scale) if ext is None else ext.gemv_int8(x, qweight, scale)
+
+
+@_gemv_int8.register_fake
+def _(x, qweight, scale):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
+def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, I) @ (scale · qweight)ᵀ for int8 weights (O, I) and fp32 scales (O,), no gradient
+    (reference_kernels.gemv_int8): batch-1 decoding streaming one byte per weight. A custom op inside
+    torch.compile, the extension directly otherwise (as gemv)."""
+    if torch.compiler.is_compiling():
+        return _gemv_int8(x, qweight, scale)
+    ext = _int8_extension(x, qweight, scale)
+    return ref.gemv_int8(x, qweight, scale) if ext is None else ext.gemv_int8(x, qweight, scale)

@@ -326,7 +326,7 @@ class Transformer(nn.Module):
     def use_kernels(self, on: bool) -> None:
         self._use_kernels = bool(on)
         for m in self.modules():
-            if isinstance(m, (RMSNorm, Attention, MLP, Linear)):
+            if m is not self and hasattr(m, "use_kernels"):  # RMSNorm, Attention, MLP, (Int8)Linear
                 m.use_kernels = self._use_kernels
 
     def reset_parameters(self):

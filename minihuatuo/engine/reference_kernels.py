@@ -129,3 +129,9 @@ def logprob_entropy_rows_backward(logits, targets, temperature: float, lse, entr
 def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (B, I) @ weight (O, I)ᵀ with fp32 sums, rounded once to x's dtype."""
     return F.linear(_at_least_fp32(x), _at_least_fp32(weight)).to(x.dtype)
+
+
+def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (B, I) @ (scale · qweight)ᵀ for int8 weights qweight (O, I) with one fp32 scale per row (O,):
+    fp32 sums of x · q, times the row's scale, rounded once to x's dtype."""
+    return (F.linear(_at_least_fp32(x), qweight.float()) * scale.float()).to(x.dtype)
