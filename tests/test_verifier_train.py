@@ -222,7 +222,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch):
 def test_learns_world_pairs_from_the_world_base_model(tmp_path):
     """The shipped world base model, on world pairs (`world pairs`' own draw, whose phrasing carries no label:
     tests/test_hacks.py): the loss falls and the held-out balanced accuracy rises well above chance. The
-    world's short template (48 tokens a pair) keeps the test fast."""
+    world's short template (~31 tokens a pair) keeps the test fast."""
     from minihuatuo.world.kb import WORLD_DIR
     from minihuatuo.world.pairs import draw_pairs
 
@@ -261,6 +261,30 @@ def test_saved_layout_is_the_released_verifiers(trained):
         assert enc.text(p.response, p.reference) == v.text(p.response, p.reference)
         assert enc.encode(p.response, p.reference) == v.encode(p.response, p.reference)
         assert v.encode(p.response, p.reference)[-1] == eos
+
+
+def test_lowercase_is_saved_and_applied(trained, tmp_path):
+    """`lowercase` (the tiny-world preset's): the trainer records it in config.json, from_dir reads it back,
+    and both the training encoder and the inference verifier then case-fold response and reference."""
+    import shutil
+
+    final = trained / "final"
+    assert json.loads((final / "config.json").read_text())[vt.LOWERCASE_KEY] is False  # TINY trains as written
+    folded = tmp_path / "folded"
+    shutil.copytree(final, folded)
+    cfg = json.loads((folded / "config.json").read_text())
+    (folded / "config.json").write_text(json.dumps({**cfg, vt.LOWERCASE_KEY: True}))
+    plain, v = ClassifierVerifier.from_dir(final), ClassifierVerifier.from_dir(folded)
+    assert not plain.lowercase and v.lowercase
+    assert v.text("Meropenem IS the answer.", "MEROPENEM") == plain.text("meropenem is the answer.", "meropenem")
+    assert plain.text("Meropenem.", "meropenem") != plain.text("meropenem.", "meropenem")
+    assert v.p_true([("Meropenem IS the answer.", "MEROPENEM")]) == plain.p_true([("meropenem is the answer.",
+                                                                                 "meropenem")])
+    enc = vt.pair_encoder(trained.parent / "base", None, TINY.max_length, lowercase=True)
+    assert enc.encode("Pneumonia, then X.", "Y") == v.encode("Pneumonia, then X.", "Y")
+    (folded / "config.json").write_text(json.dumps({**cfg, vt.LOWERCASE_KEY: "yes"}))
+    with pytest.raises(ValueError, match="minihuatuo_classifier_lowercase"):
+        ClassifierVerifier.from_dir(folded)
 
 
 def test_transformers_loads_it_with_equal_probabilities(trained):

@@ -214,6 +214,7 @@ class ClassifierVerifier:
     max_length: int = 4000  # official truncation (right side, as the HF tokenizer default)
     batch_size: int = 8
     true_label: int = 1  # official: probabilities[:, 1]
+    lowercase: bool = False  # case-fold response and reference before the template (ours; from_dir: the checkpoint's)
     name: str = "classifier"
 
     @classmethod
@@ -228,6 +229,8 @@ class ClassifierVerifier:
             kwargs["threshold"] = saved_threshold(path)
         if kwargs.get("template") is None and saved_template(path):  # ours: the template it was trained on
             kwargs["template"] = saved_template(path)
+        if kwargs.get("lowercase") is None:  # ours: whether it was trained on case-folded pairs
+            kwargs["lowercase"] = saved_lowercase(path)
         model = load_model(path, dtype=dtype, device=device).eval()
         if model.score is None or model.cfg.num_labels < 2:
             raise ValueError(f"{path}: not a sequence-classification checkpoint with >= 2 labels "
@@ -244,6 +247,8 @@ class ClassifierVerifier:
         return cls(model, tokenizer, eos_text=eos_text, **kwargs)
 
     def text(self, response: str, reference: str) -> str:
+        if self.lowercase:  # "Meropenem is ..." and "meropenem" then share their tokens (notes/verifier.md)
+            response, reference = response.lower(), reference.lower()
         return replies.render(self.template, response=response, reference=reference, eos=self.eos_text)
 
     def encode(self, response: str, reference: str) -> list[int]:
@@ -302,6 +307,21 @@ def saved_template(path) -> str | None:
     if value is not None and not (isinstance(value, str) and "{response}" in value and "{reference}" in value):
         raise ValueError(f"{cfg_file}: field 'minihuatuo_classifier_template': expected a template with "
                          "{response} and {reference}")
+    return value
+
+
+def saved_lowercase(path) -> bool:
+    """config.json's "minihuatuo_classifier_lowercase" (written by `minihuatuo verifier train`: the pairs were
+    case-folded before the template), else False (the official verifier reads text as it is)."""
+    from minihuatuo.engine.checkpoint import read_json
+
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        path = path / "final"
+    cfg_file = path / "config.json"
+    value = read_json(cfg_file).get("minihuatuo_classifier_lowercase", False) if cfg_file.exists() else False
+    if not isinstance(value, bool):
+        raise ValueError(f"{cfg_file}: field 'minihuatuo_classifier_lowercase': expected true or false, got {value!r}")
     return value
 
 

@@ -80,6 +80,7 @@ from minihuatuo.training.schedules import warmup_then_decay_lr
 LABELS = {"0": "False", "1": "True"}  # the released verifier's id2label: label 1 = correct (official RL code)
 THRESHOLD_KEY = "minihuatuo_threshold"  # config.json: the threshold chosen by the threshold study
 TEMPLATE_KEY = "minihuatuo_classifier_template"  # config.json: the input template trained on
+LOWERCASE_KEY = "minihuatuo_classifier_lowercase"  # config.json: pairs case-folded before the template
 
 
 @dataclass
@@ -93,6 +94,7 @@ class VerifierTrainConfig:
     global_batch_size: int = 32  # pairs per optimizer step over all processes
     micro_batch_size: int = 4  # pairs per forward/backward on one process
     max_length: int = 4000  # tokens per pair; the official inference truncation (right side), kept equal
+    lowercase: bool = False  # case-fold response and reference before the template (saved; inference does too)
     eval_fraction: float = 0.1  # held-out share of --pairs (label-stratified, seeded) without --eval-pairs
     balance: str = "weights"  # "weights" (class weights n / 2n_c), "sampler" (balanced draws) or "none"
     eval_every: int = 0  # evaluate every N steps (0 = at the end of each epoch)
@@ -130,8 +132,9 @@ class VerifierTrainConfig:
 PRESETS = {
     "default": VerifierTrainConfig(),
     # the bundled world's 2.2M-parameter base model (notes/verifier.md): ~4000 world pairs, CPU, minutes
-    "tiny-world": VerifierTrainConfig(epochs=2, lr=1e-3, global_batch_size=32, micro_batch_size=32, max_length=512,
-                                      eval_every=25, patience=4, warmup_ratio=0.05),
+    # (3 epochs of case-folded pairs: 95-96% on unseen draws where 2 epochs as written reached 91-94%)
+    "tiny-world": VerifierTrainConfig(epochs=3, lr=1e-3, global_batch_size=32, micro_batch_size=32, max_length=512,
+                                      eval_every=25, patience=4, warmup_ratio=0.05, lowercase=True),
 }
 
 
@@ -344,13 +347,13 @@ def _set_weights(model, weights: dict) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
-def pair_encoder(model_dir, template: str | None, max_length: int) -> ClassifierVerifier:
+def pair_encoder(model_dir, template: str | None, max_length: int, lowercase: bool = False) -> ClassifierVerifier:
     """The inference verifier's text and ids (ClassifierVerifier.text / encode: the template, the eos
     appended as text, no special tokens, right truncation) without a model: a pair is trained on
     exactly what `--verifier classifier` will feed the saved checkpoint."""
     tokenizer = Tokenizer.from_dir(model_dir)
     return ClassifierVerifier(None, tokenizer, eos_text=_eos_text(Path(model_dir), tokenizer),
-                              template=template or CLASSIFIER_TEMPLATE, max_length=max_length)
+                              template=template or CLASSIFIER_TEMPLATE, max_length=max_length, lowercase=lowercase)
 
 
 def read_split(cfg: VerifierTrainConfig, pairs_path, eval_path=None, search_paths=()) -> tuple[list[LabeledPair],
@@ -381,7 +384,7 @@ def train(cfg: VerifierTrainConfig, model_dir, pairs_path, out_dir, eval_path=No
     d = init_distributed()
     out = Path(out_dir)
     run = RunDir("verifier train", out, "step", d, resume=resume, overwrite=overwrite)
-    encoder = pair_encoder(model_dir, template, cfg.max_length)
+    encoder = pair_encoder(model_dir, template, cfg.max_length, cfg.lowercase)
     template, tokenizer, eos_text = encoder.template, encoder.tokenizer, encoder.eos_text
     ids = [encoder.encode(p.response, p.reference) for p in train_pairs]
     held_ids = [encoder.encode(p.response, p.reference) for p in held]
@@ -485,7 +488,7 @@ def train(cfg: VerifierTrainConfig, model_dir, pairs_path, out_dir, eval_path=No
         _set_weights(model, best)
     p = eval_p_true(model, held_ids, pad, cfg.micro_batch_size, d)
     study = threshold_study(p, held_labels)
-    extra = {THRESHOLD_KEY: study["chosen"], TEMPLATE_KEY: template}
+    extra = {THRESHOLD_KEY: study["chosen"], TEMPLATE_KEY: template, LOWERCASE_KEY: cfg.lowercase}
     save_checkpoint(out / "final", model, optimizer, state, cfg, model_dir, d, save_dtype,
                     None if state["done"] else best, config_extra=extra)
     summary = {"steps": state["step"], "stopped_early": stop, "evals": state["evals"],
