@@ -42,3 +42,19 @@ def test_bench_generate_json_contract():
     assert fp32["params_M"] == int8["params_M"]  # counted before quantising (int8 weights are buffers)
     # the compiled step really ran: no fallback line on stderr
     assert "decoding eagerly" not in r.stderr
+
+
+def test_decode_rate_retimes_and_then_refuses_a_noisy_measurement(monkeypatch):
+    """rate = B·(N−1) / (t_N − t_1): a busy machine can time N tokens no slower than 1, which would
+    give a negative or infinite rate; the benchmark retimes, then says why it cannot measure."""
+    from minihuatuo.bench import generate as bg
+
+    calls = []
+    # a clock under which every run takes 0.5 s, whatever its number of tokens
+    monkeypatch.setattr(bg, "best_time", lambda fn, repeats: (fn(), 0.5)[1])
+    with pytest.raises(RuntimeError, match="too busy to measure"):
+        bg.decode_rate(calls.append, 2, 8, 1)
+    assert calls.count(8) == 3 and calls.count(1) == 4  # warm-up + 3 attempts
+    # a clock of 10 ms a token plus 50 ms: (N - 1) tokens in (t_N - t_1) = 0.2 s, 2 rows -> 200 tok/s
+    monkeypatch.setattr(bg, "best_time", lambda fn, repeats: 0.05 + 0.01 * fn())
+    assert bg.decode_rate(lambda n: n, 2, 21, 1) == pytest.approx(200)
