@@ -294,16 +294,23 @@ def saved_threshold(path, default: float = 0.4) -> float:
     return float(value)
 
 
-def saved_template(path) -> str | None:
-    """config.json's "minihuatuo_classifier_template" (written by `minihuatuo verifier train`: the input
-    template the classifier was trained on), else None. Looks in a trainer's final/ as from_dir does."""
+def _saved_config(path) -> tuple[Path, dict]:
+    """(config.json, its content or {} when absent) of a classifier directory, or of a trainer's final/
+    as from_dir finds it."""
     from minihuatuo.engine.checkpoint import read_json
 
     path = Path(path)
     if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
         path = path / "final"
     cfg_file = path / "config.json"
-    value = read_json(cfg_file).get("minihuatuo_classifier_template") if cfg_file.exists() else None
+    return cfg_file, read_json(cfg_file) if cfg_file.exists() else {}
+
+
+def saved_template(path) -> str | None:
+    """config.json's "minihuatuo_classifier_template" (written by `minihuatuo verifier train`: the input
+    template the classifier was trained on), else None. Looks in a trainer's final/ as from_dir does."""
+    cfg_file, cfg = _saved_config(path)
+    value = cfg.get("minihuatuo_classifier_template")
     if value is not None and not (isinstance(value, str) and "{response}" in value and "{reference}" in value):
         raise ValueError(f"{cfg_file}: field 'minihuatuo_classifier_template': expected a template with "
                          "{response} and {reference}")
@@ -313,13 +320,8 @@ def saved_template(path) -> str | None:
 def saved_lowercase(path) -> bool:
     """config.json's "minihuatuo_classifier_lowercase" (written by `minihuatuo verifier train`: the pairs were
     case-folded before the template), else False (the official verifier reads text as it is)."""
-    from minihuatuo.engine.checkpoint import read_json
-
-    path = Path(path)
-    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
-        path = path / "final"
-    cfg_file = path / "config.json"
-    value = read_json(cfg_file).get("minihuatuo_classifier_lowercase", False) if cfg_file.exists() else False
+    cfg_file, cfg = _saved_config(path)
+    value = cfg.get("minihuatuo_classifier_lowercase", False)
     if not isinstance(value, bool):
         raise ValueError(f"{cfg_file}: field 'minihuatuo_classifier_lowercase': expected true or false, got {value!r}")
     return value
