@@ -20,8 +20,9 @@ from minihuatuo.stages.verifier_train import VerifierTrainConfig, train
 
 WORLD_BASE = Path(__file__).resolve().parents[1] / "data" / "world" / "base"
 
-# A separable toy labelling a tiny random model learns in a few steps: the reference's keyword is
-# in the response (True) or another one is (False).
+# A toy labelling: the reference's keyword is in the response (True) or another one is (False). (A
+# random tiny model does not learn this comparison from 48 pairs in a few steps; the learning test uses
+# a labelling separable from the response's word alone, below.)
 WORDS = ["pneumonia", "amoxicillin", "troponin", "pregnancy", "radiograph", "consolidation"]
 
 
@@ -217,6 +218,25 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tiny, monkeypatch):
     assert [r["loss"] for r in lines[0] if "loss" in r] == [r["loss"] for r in lines[1] if "loss" in r]
     assert (json.loads((tiny / "straight" / "final" / "config.json").read_text())[vt.THRESHOLD_KEY] ==
             json.loads((tiny / "crashed" / "final" / "config.json").read_text())[vt.THRESHOLD_KEY])
+
+
+def test_learns_a_separable_toy_labelling_from_a_random_tiny_model(tiny, tmp_path):
+    """The loop learns from scratch: a random tiny model, pairs labelled by which word the response names
+    (True for the first three words, whatever the reference), every (word, reference) combination three
+    times. Held-out balanced accuracy reaches 1.0 (measured: from the 6th of 20 epochs, seed 0), and the
+    saved verifier then judges all 36 combinations right. (The 48 toy pairs of `trained` are too few for
+    a random model: that run only feeds the layout, parity and CLI tests.)"""
+    def separable(copies):
+        return [LabeledPair(f"The answer is {WORDS[a]}.", WORDS[b], a < 3)
+                for _ in range(copies) for a in range(6) for b in range(6)]
+
+    write_labeled(tmp_path / "sep.jsonl", separable(3))
+    cfg = replace(TINY, epochs=20, eval_every=0, eval_fraction=0.25)
+    out = train(cfg, tiny / "base", tmp_path / "sep.jsonl", tmp_path / "run")
+    assert out["evals"][0] < 1.0 and out["held_out_balanced_accuracy"] == 1.0, out["evals"]
+    v = ClassifierVerifier.from_dir(tmp_path / "run")
+    pairs = separable(1)
+    assert v.verify_batch([(p.response, p.reference) for p in pairs]) == [p.label for p in pairs]
 
 
 def test_learns_world_pairs_from_the_world_base_model(tmp_path):
