@@ -52,9 +52,22 @@ def test_decode_rate_retimes_and_then_refuses_a_noisy_measurement(monkeypatch):
     calls = []
     # a clock under which every run takes 0.5 s, whatever its number of tokens
     monkeypatch.setattr(bg, "best_time", lambda fn, repeats: (fn(), 0.5)[1])
-    with pytest.raises(RuntimeError, match="too busy to measure"):
+    with pytest.raises(bg.NoisyTiming, match="too busy to measure"):
         bg.decode_rate(calls.append, 2, 8, 1)
     assert calls.count(8) == 3 and calls.count(1) == 4  # warm-up + 3 attempts
     # a clock of 10 ms a token plus 50 ms: (N - 1) tokens in (t_N - t_1) = 0.2 s, 2 rows -> 200 tok/s
     monkeypatch.setattr(bg, "best_time", lambda fn, repeats: 0.05 + 0.01 * fn())
     assert bg.decode_rate(lambda n: n, 2, 21, 1) == pytest.approx(200)
+
+
+def test_an_unmeasurable_run_ends_in_one_line(monkeypatch, capsys):
+    from minihuatuo.bench import generate as bg
+
+    def busy(*args, **kwargs):
+        raise bg.NoisyTiming("decoding 8 tokens timed no slower than 1 token: the machine is too busy to measure")
+
+    monkeypatch.setattr(bg, "bench_preset", busy)
+    assert bg.main(["--presets", "tiny", "--no-hf", "--dtypes", "float32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["bench generate: tiny float32: decoding 8 tokens timed no slower than 1 token: the machine is "
+                   "too busy to measure"]

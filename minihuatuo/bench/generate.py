@@ -74,6 +74,10 @@ def weight_streaming_bound(model, repeats: int) -> float:
         return 1.0 / best_time(one_pass, repeats * 5)
 
 
+class NoisyTiming(RuntimeError):
+    """decode_rate could not measure: N tokens timed no slower than 1 (a machine busy with other work)."""
+
+
 def decode_rate(run, B: int, N: int, repeats: int) -> float:
     run(1)  # warm-up (allocations, thread pools)
     for _ in range(3):  # a machine busy with other work can make the N-token run look no slower: retime
@@ -81,7 +85,7 @@ def decode_rate(run, B: int, N: int, repeats: int) -> float:
         t_1 = best_time(lambda: run(1), repeats)
         if t_n > t_1:
             return B * (N - 1) / (t_n - t_1)
-    raise RuntimeError(f"decoding {N} tokens timed no slower than 1 token ({t_n:.4f} s vs {t_1:.4f} s): "
+    raise NoisyTiming(f"decoding {N} tokens timed no slower than 1 token ({t_n:.4f} s vs {t_1:.4f} s): "
                        "the machine is too busy to measure; run the benchmark alone")
 
 
@@ -199,7 +203,7 @@ def main(argv=None) -> int:
         for name in args.presets.split(","):
             try:
                 r = bench_preset(name, batches, args.new_tokens, args.prompt_len, args.repeats, with_hf, dtype)
-            except RuntimeError as e:  # decode_rate could not measure (a busy machine)
+            except NoisyTiming as e:  # a busy machine: say so in one line (any other error is a bug: traceback)
                 print(f"bench generate: {name} {dtype}: {e}", file=sys.stderr)
                 return 1
             fp32 = next((x for x in report["results"] if x["preset"] == name and x["dtype"] == "float32"), None)
