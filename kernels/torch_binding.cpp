@@ -9,6 +9,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
 
 #include "kernels.h"
 
@@ -259,6 +260,23 @@ at::Tensor gemv_int8(at::Tensor x, at::Tensor q, at::Tensor scale) {
 }
 
 }  // namespace
+
+#ifndef MH_WITH_CUDA
+// The two GEMVs are also torch operators registered here, in C++, so that the compiled decode step
+// (engine/decode_step.py), which calls them ~85 times a token, reaches them through the dispatcher
+// alone: a Python custom op costs ~15-30 µs a call on its way through Python (notes/kernels.md §6).
+// Their shapes for tracing (the fake kernels) are registered by engine/kernels.py. Only the CPU build
+// registers them: the CUDA build also compiles these sources, and a namespace is defined once per process.
+TORCH_LIBRARY(minihuatuo_cpu, m) {
+    m.def("gemv(Tensor x, Tensor weight) -> Tensor");
+    m.def("gemv_int8(Tensor x, Tensor qweight, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(minihuatuo_cpu, CPU, m) {
+    m.impl("gemv", &gemv);
+    m.impl("gemv_int8", &gemv_int8);
+}
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "minihuatuo fused kernels (see kernels/README.md and notes/kernels.md)";

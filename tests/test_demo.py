@@ -302,3 +302,43 @@ def test_search_verdicts_become_labelled_pairs(quick_run):
     pairs = pairs_from_search(out / "search" / "search.jsonl")
     assert [(p.response, p.reference, p.label) for p in pairs] == expected
     assert {p.label for p in pairs} == {True, False}  # accepted and rejected conclusions both
+
+
+def test_fair_ablation_trains_three_arms_of_the_same_problems(quick_run, tmp_path):
+    """`demo --ablation` end to end on the quick run's problems and search (copied, so the ablation does
+    not search again): the first-chain search, three SFT sets of the same problems in the same order, an
+    SFT and a PPO model per arm, the summary; the base model graded as the demo grades it; a rerun
+    trains nothing again, and other settings in the same directory are refused."""
+    import shutil
+
+    run, _ = quick_run
+    out = tmp_path / "ablation"
+    for stage in ("problems", "search"):
+        shutil.copytree(run / stage, out / "seed0" / stage)
+    cmd = [sys.executable, "-m", "minihuatuo", "demo", "--quick", "--ablation", "--seeds", "1", "--simple-attempts", "2",
+           "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-4000:]
+    counts = json.loads((out / "seed0" / "data" / "counts.json").read_text(encoding="utf-8"))
+    sft_ids = [x["id"] for x in read_jsonl(run / "search" / "sft.jsonl")]
+    simple_ok = {x["id"] for x in read_jsonl(out / "seed0" / "simple_search" / "search.jsonl") if x["search"]["success"]}
+    common = [i for i in sft_ids if i in simple_ok]
+    assert counts == {"complex_found": len(sft_ids), "simple_found": len(simple_ok), "common": len(common)}
+    assert len(common) > 0
+    for variant in ("direct", "simple", "complex"):
+        assert [x["id"] for x in read_jsonl(out / "seed0" / "data" / f"{variant}.jsonl")] == common
+        assert (out / "seed0" / variant / "ppo" / "final" / "policy" / "model.safetensors").exists()
+        assert len(read_jsonl(out / "seed0" / variant / "eval_ppo.jsonl")) == 100
+    summary = json.loads((out / "ablation.json").read_text(encoding="utf-8"))
+    demo = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    assert summary["base"] == demo["base"]["accuracy"]  # the same held-out problems and grader as the demo
+    for variant, s in summary["variants"].items():
+        assert s["sft_examples"]["runs"] == [len(common)], variant
+        assert 0 <= s["ppo"]["mean"] <= 1 and s["rl_gain"]["mean"] == pytest.approx(s["ppo"]["mean"] - s["sft"]["mean"])
+    assert set(summary["order_after_ppo"]) == {"simple_minus_direct", "complex_minus_simple"}
+    assert len(read_jsonl(out / "runs.jsonl")) == 3
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "SFT on" not in again.stderr  # every arm was read back, none retrained
+    assert len(read_jsonl(out / "runs.jsonl")) == 3
+    other = subprocess.run(cmd[:-2] + ["--ppo.lr", "1e-5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 2 and "other settings" in other.stderr

@@ -362,6 +362,32 @@ def test_gemv_int8_matches_reference(dev, dtype, B, O, I):
     assert K._int8_extension(x, q, scale) is not None  # the kernel ran, not the reference
 
 
+def test_compiled_code_calls_the_gemvs_registered_in_cpp(dev):
+    """Inside torch.compile the GEMVs are the operators the CPU extension registers in C++
+    (torch.ops.minihuatuo_cpu, reached through the dispatcher alone), not the Python custom ops, with
+    the eager kernel's results bit for bit."""
+    if dev.type != "cpu":
+        pytest.skip("the GEMV is a CPU kernel")
+    assert K.backend("cpu") == "cpu" and K._cpp_ops  # the extension loaded and its operators are registered
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(1, 96, generator=g).bfloat16(), torch.randn(37, 96, generator=g).bfloat16()
+    q = torch.randint(-127, 128, (37, 96), generator=g, dtype=torch.int8)
+    scale = torch.rand(37, generator=g) / 100
+    targets = []
+
+    def capture(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    fn = torch.compile(lambda x, w, q, s: (K.gemv(x, w), K.gemv_int8(x.float(), q, s)), backend=capture,
+                       fullgraph=True)
+    y, y8 = fn(x, w, q, scale)
+    assert any("minihuatuo_cpu.gemv" in t and "int8" not in t for t in targets), targets
+    assert any("minihuatuo_cpu.gemv_int8" in t for t in targets), targets
+    assert not any(t.startswith("minihuatuo.") for t in targets), targets  # no Python custom op
+    assert torch.equal(y, K.gemv(x, w)) and torch.equal(y8, K.gemv_int8(x.float(), q, scale))
+
+
 def test_bf16_decoding_with_the_gemv_kernel(dev):
     """Batch-1 bf16 decoding routes the model's products through the GEMV kernel (use_kernels), also
     inside the compiled decode step (a custom op), with the logits of the reference path."""

@@ -110,6 +110,10 @@ class _Compiled:
         if self.failed is not None:
             return step(*args)
         if self.fn is None:
+            if getattr(model, "use_kernels", False):  # the extension before tracing: its C++ operators are
+                from minihuatuo.engine import kernels   # what the graph then calls (engine/kernels.py)
+
+                kernels.backend(ids.device)
             # each architecture, dtype and mode is its own graph; dynamo's default of 8 graphs per
             # function would silently fall back to eager in a process that decodes with several models
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)

@@ -108,6 +108,8 @@ def _build(with_cuda: bool):
         _say_once(device_type, f"PyTorch reference (building the kernels failed: {reason})")
         return None
     _say_once(device_type, f"{'CUDA' if with_cuda else 'C++ (OpenMP)'} kernels from {SOURCE_DIR}")
+    if not with_cuda:
+        _register_cpp_ops()
     return ext
 
 
@@ -411,6 +413,26 @@ def linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
 
 
 # ----------------------------------------------------------------------------- decoding GEMV (CPU)
+#
+# Three ways in: eagerly, the extension's Python binding (no dispatcher at all); inside torch.compile,
+# the operators the CPU extension registers in C++ (torch.ops.minihuatuo_cpu, kernels/torch_binding.cpp),
+# which the compiled step reaches through the dispatcher alone; and, where the extension is not built
+# (or for another device), the Python custom ops minihuatuo::gemv / gemv_int8 with the reference inside.
+
+_cpp_ops = False  # torch.ops.minihuatuo_cpu.gemv / gemv_int8 exist and have their fake kernels
+
+
+def _register_cpp_ops() -> None:
+    """The shapes of the C++-registered GEMVs for tracing (once per process, after the CPU extension
+    has loaded and registered the operators themselves)."""
+    global _cpp_ops
+    if _cpp_ops:
+        return
+    torch.library.register_fake("minihuatuo_cpu::gemv")(lambda x, weight: x.new_empty((x.shape[0], weight.shape[0])))
+    torch.library.register_fake("minihuatuo_cpu::gemv_int8")(
+        lambda x, qweight, scale: x.new_empty((x.shape[0], qweight.shape[0])))
+    _cpp_ops = True
+
 
 @torch.library.custom_op("minihuatuo::gemv", mutates_args=())
 def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -427,8 +449,12 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (B, I) @ weight (O, I)ᵀ for a few rows, no gradient (reference_kernels.gemv): the products of
     batch-1 decoding, which stream the weights once per token (kernels/cpu/gemv.cpp says why a kernel
     of our own beats torch's for bf16). Inside torch.compile it is a torch custom op (one opaque op of the
-    graph); eagerly the extension is called directly (the custom op's dispatch costs ~13 µs a call)."""
+    graph: the C++-registered operator where the CPU extension is built); eagerly the extension is called
+    directly (a Python custom op's dispatch costs ~15-30 µs a call)."""
     if torch.compiler.is_compiling():
+        if (_cpp_ops and not force_reference and x.device.type == "cpu" and weight.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16) and weight.dtype == x.dtype):
+            return torch.ops.minihuatuo_cpu.gemv(x, weight)
         return _gemv(x, weight)
     ext = _kernel_for(x, weight)
     return ref.gemv(x, weight) if ext is None or x.device.type != "cpu" else ext.gemv(x, weight)
@@ -459,6 +485,10 @@ def gemv_int8(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> to
     (reference_kernels.gemv_int8): batch-1 decoding streaming one byte per weight. A custom op inside
     torch.compile, the extension directly otherwise (as gemv)."""
     if torch.compiler.is_compiling():
+        if (_cpp_ops and not force_reference and x.device.type == "cpu" and qweight.device.type == "cpu"
+                and scale.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and qweight.dtype == torch.int8 and scale.dtype == torch.float32):
+            return torch.ops.minihuatuo_cpu.gemv_int8(x, qweight, scale)
         return _gemv_int8(x, qweight, scale)
     ext = _int8_extension(x, qweight, scale)
     return ref.gemv_int8(x, qweight, scale) if ext is None else ext.gemv_int8(x, qweight, scale)

@@ -1,7 +1,7 @@
 """The `minihuatuo demo` command: the demo (demo.py) or its ablation (ablation.py)."""
 from __future__ import annotations
 
-from minihuatuo.pipeline.ablation import run_ablation
+from minihuatuo.pipeline.ablation import SIMPLE_ATTEMPTS, run_ablation
 from minihuatuo.pipeline.demo import PRESETS, DemoConfig, evaluate_run, run_demo
 from minihuatuo.services.config import add_config_args, build_config, positive_int
 
@@ -9,7 +9,7 @@ from minihuatuo.services.config import add_config_args, build_config, positive_i
 def cmd_demo(args) -> int:
     if args.ablation:
         run_ablation(build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args),
-                     args.out or "demo_ablation", seeds=args.seeds)
+                     args.out or "demo_ablation", seeds=args.seeds, simple_attempts=args.simple_attempts)
         return 0
     cfg = build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args)
     if args.evaluate:
@@ -26,6 +26,8 @@ def add_cli(sub) -> None:
     p.add_argument("--ablation", action="store_true",
                    help="SFT on direct response / simple CoT / complex CoT, each then PPO, over --seeds")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds of the ablation (default 3)")
+    p.add_argument("--simple-attempts", type=positive_int, default=SIMPLE_ATTEMPTS,
+                   help=f"the ablation's simple CoTs: fresh first chains tried per problem (default {SIMPLE_ATTEMPTS})")
     p.add_argument("--evaluate", metavar="RUN", default=None,
                    help="grade the checkpoints of the earlier run RUN on the held-out draw --heldout-seed "
                         "(no training; the protocol's test draws, notes/demo.md §9)")
