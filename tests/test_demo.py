@@ -336,9 +336,21 @@ def test_fair_ablation_trains_three_arms_of_the_same_problems(quick_run, tmp_pat
         assert s["sft_examples"]["runs"] == [len(common)], variant
         assert 0 <= s["ppo"]["mean"] <= 1 and s["rl_gain"]["mean"] == pytest.approx(s["ppo"]["mean"] - s["sft"]["mean"])
     assert set(summary["order_after_ppo"]) == {"simple_minus_direct", "complex_minus_simple"}
+    # the direct arm is graded as its reward reads it (the whole reply), not by the think-then-answer format
+    # under which every direct reply would count as unfinished
+    assert summary["variants"]["direct"]["ppo_unfinished"]["mean"] < 0.5
+    assert summary["variants"]["direct"]["ppo_reflection"]["mean"] == 0.0
     assert len(read_jsonl(out / "runs.jsonl")) == 3
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "SFT on" not in again.stderr  # every arm was read back, none retrained
     assert len(read_jsonl(out / "runs.jsonl")) == 3
     other = subprocess.run(cmd[:-2] + ["--ppo.lr", "1e-5", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert other.returncode == 2 and "other settings" in other.stderr
+    # --evaluate regrades every arm's checkpoints; on the run's own draw it reproduces the run exactly
+    regraded = tmp_path / "regraded"
+    r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--ablation", "--evaluate", str(out),
+                        "--out", str(regraded)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_jsonl(regraded / "runs.jsonl") == read_jsonl(out / "runs.jsonl")
+    again = json.loads((regraded / "ablation.json").read_text(encoding="utf-8"))
+    assert again["variants"] == summary["variants"] and again["evaluated_run"] == str(out)

@@ -158,3 +158,20 @@ def test_hack_rate_counts_final_responses_the_hack_check_flags():
     out = summarize([hedge, NO_REFLECTION, UNFINISHED], ["clindamycin"] * 3, grade, hack=flagged)
     assert out["hack_rate"] == pytest.approx(1 / 3)
     assert "hack_rate" not in summarize([NO_REFLECTION], ["clindamycin"], grade)
+
+
+def test_direct_responses_are_read_as_their_reward_reads_them():
+    """thinking=False (the ablation's direct arm, rewarded with require_thinking off): the whole reply is
+    the final response; there is no thinking part to reflect in."""
+    rd = read_reply("The most appropriate treatment is clindamycin.", thinking=False)
+    assert rd.finished and rd.final == "The most appropriate treatment is clindamycin."
+    assert (rd.conclusions, rd.reflected, rd.verdicts) == ([], False, [])
+    assert not read_reply("  \n", thinking=False).finished  # nothing said
+    assert not read_reply("The treatment is clindamycin.", stopped=False, thinking=False).finished  # cut off
+    # the strict reading fails the same reply: no "## Thinking" part
+    assert read_reply("The most appropriate treatment is clindamycin.").final is None
+    out = summarize(["The treatment is clindamycin.", "The treatment is amoxicillin.", ""], ["clindamycin"] * 3, grade,
+                    thinking=False)
+    assert out["accuracy"] == pytest.approx(1 / 3) and out["unfinished"] == pytest.approx(1 / 3)
+    assert out["first_accuracy"] == pytest.approx(1 / 3)  # the first answer is the final response
+    assert out["reflection"] == 0.0 and out["reflection_gain"] == 0.0 and out["verdicts"] == 0

@@ -158,10 +158,13 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3, simple_attempts: int 
             v, data = d / variant, d / "data" / f"{variant}.jsonl"
             say(f"ablation seed {seed}, {variant}: SFT on {counts['common']} examples, then PPO")
             sft_dir = fine_tune(c.sft, c.base, data, v / "sft", overwrite=True)
-            sft = evaluate_model(sft_dir, heldout, problems, verifier, c, v / "eval_sft.jsonl", "sft", mcq=False)
+            thinking = variant != "direct"  # the direct arm's replies, rewards and grades have no thinking part
+            sft = evaluate_model(sft_dir, heldout, problems, verifier, c, v / "eval_sft.jsonl", "sft", mcq=False,
+                                 thinking=thinking)
             ppo_dir = reinforce(c.ppo, sft_dir, d / "problems" / "rl.json", v / "ppo", rl_verifier,
-                                require_thinking=variant != "direct", overwrite=True)
-            ppo = evaluate_model(ppo_dir, heldout, problems, verifier, c, v / "eval_ppo.jsonl", "ppo", mcq=False)
+                                require_thinking=thinking, overwrite=True)
+            ppo = evaluate_model(ppo_dir, heldout, problems, verifier, c, v / "eval_ppo.jsonl", "ppo", mcq=False,
+                                 thinking=thinking)
             run = variant_run(seed, variant, counts["common"], sft, ppo)
             runs.append(run)
             with open(runs_file, "a", encoding="utf-8") as f:
@@ -169,6 +172,10 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3, simple_attempts: int 
     summary = summarize_runs([r for r in runs if r["seed"] < seeds], seeds)
     summary.update(base=base["accuracy"], n=len(problems), heldout_seed=cfg.heldout_seed,
                    simple_attempts=simple_attempts, wall_s=round(time.perf_counter() - t0, 1))
+    return write_summary(out, summary)
+
+
+def write_summary(out: Path, summary: dict) -> dict:
     (out / "ablation.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     with open(out / "ablation.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -177,6 +184,42 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3, simple_attempts: int 
             w.writerow([v, *(f"{s[k][m]:.4f}" for k in PER_RUN for m in ("mean", "std"))])
     print(format_ablation(summary))
     return summary
+
+
+def evaluate_ablation(run_dir, cfg: DemoConfig, out_dir) -> dict:
+    """Every finished arm of the ablation in run_dir (its SFT and PPO checkpoints) and the base model
+    graded on the held-out draw `cfg.heldout_seed`, as run_ablation grades them: the protocol's test draws
+    (notes/demo.md §9) without training again. Writes out_dir/runs.jsonl, ablation.json, ablation.csv and
+    the graded replies under out_dir/seed{s}/{variant}/."""
+    run, out = Path(run_dir), Path(out_dir)
+    if not (run / "runs.jsonl").exists():
+        raise ValueError(f"{run}: not an ablation run (no runs.jsonl)")
+    if (out / "ablation.json").exists():
+        raise ValueError(f"{out}: already holds results; choose another --out")
+    trained = json.loads((run / "settings.json").read_text(encoding="utf-8"))
+    kb = load_kb(DEFAULT_KB)
+    verifier = world_verifier(kb)
+    heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
+    problems = [open_problem(it) for it in heldout]
+    out.mkdir(parents=True, exist_ok=True)
+    base = evaluate_model(trained["config"]["base"], heldout, problems, verifier, cfg, out / "eval_base.jsonl", "base",
+                          mcq=False)
+    runs = []
+    for r in read_jsonl(run / "runs.jsonl"):
+        d, v = run / f"seed{r['seed']}" / r["variant"], out / f"seed{r['seed']}" / r["variant"]
+        say(f"evaluating seed {r['seed']}, {r['variant']} on held-out draw {cfg.heldout_seed} ...")
+        thinking = r["variant"] != "direct"
+        sft = evaluate_model(d / "sft" / "final", heldout, problems, verifier, cfg, v / "eval_sft.jsonl", "sft", mcq=False,
+                             thinking=thinking)
+        ppo = evaluate_model(d / "ppo" / "final" / "policy", heldout, problems, verifier, cfg, v / "eval_ppo.jsonl", "ppo",
+                             mcq=False, thinking=thinking)
+        runs.append(variant_run(r["seed"], r["variant"], r["sft_examples"], sft, ppo))
+    write_jsonl(out / "runs.jsonl", runs)
+    seeds = 1 + max(r["seed"] for r in runs)
+    summary = summarize_runs(runs, seeds)
+    summary.update(base=base["accuracy"], n=len(problems), heldout_seed=cfg.heldout_seed,
+                   simple_attempts=trained["simple_attempts"], evaluated_run=str(run))
+    return write_summary(out, summary)
 
 
 def variant_run(seed: int, variant: str, examples: int, sft: dict, ppo: dict) -> dict:

@@ -284,7 +284,7 @@ def question_type(world: dict) -> str:
 
 
 def evaluate_model(model_dir, items, problems, verifier, cfg: DemoConfig, out_file: Path, name: str,
-                   mcq: bool = True) -> dict:
+                   mcq: bool = True, thinking: bool = True) -> dict:
     """Held-out accuracy and reasoning diagnostics of one checkpoint, greedy:
       open-ended: the question x alone (what SFT and PPO train on); the verifier reads the final
                   response under the reward's own format rule (response_format "strict": `## Thinking`
@@ -293,7 +293,8 @@ def evaluate_model(model_dir, items, problems, verifier, cfg: DemoConfig, out_fi
                   diagnostics.summarize adds unfinished, reflection, first-answer accuracy,
                   reflection gain, verdicts and accuracy by question type;
       MCQ:        evaluate.FREE_PROMPT; the benchmark scorer's extraction (evaluate.extract_choice).
-    Every reply, its grade and its reading go to out_file (JSONL)."""
+    thinking=False grades a direct-response model (the ablation's direct arm) as its reward reads it: the
+    whole reply is the final response (diagnostics.read_reply). Every reply, its grade and its reading go to out_file (JSONL)."""
     backend = LocalBackend.from_dir(model_dir, dtype="float32", batch_size=cfg.batch_size)
 
     def ask(texts):
@@ -309,10 +310,10 @@ def evaluate_model(model_dir, items, problems, verifier, cfg: DemoConfig, out_fi
     stopped = [c.finish_reason == "stop" for c in opened]
     diag = summarize(replies, [p.y_star for p in problems], verifier.verify, DiagnosticsConfig(),
                      tokens=[c.completion_tokens for c in opened], stopped=stopped,
-                     types=[question_type(w) for w in worlds], cues=cues, hack=verifier.hack)
+                     types=[question_type(w) for w in worlds], cues=cues, hack=verifier.hack, thinking=thinking)
     rows, n_mcq = [], 0
     for it, p, c, mreply, w, cue, stop in zip(items, problems, opened, mcq_replies, worlds, cues, stopped):
-        rd = read_reply(c.text, DiagnosticsConfig(), stop, cue)
+        rd = read_reply(c.text, DiagnosticsConfig(), stop, cue, thinking)
         ok = rd.final is not None and verifier.verify(rd.final, p.y_star)
         first = rd.first_answer
         ex = extract_choice(mreply, it.options)

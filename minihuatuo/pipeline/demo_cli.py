@@ -1,12 +1,16 @@
 """The `minihuatuo demo` command: the demo (demo.py) or its ablation (ablation.py)."""
 from __future__ import annotations
 
-from minihuatuo.pipeline.ablation import SIMPLE_ATTEMPTS, run_ablation
+from minihuatuo.pipeline.ablation import SIMPLE_ATTEMPTS, evaluate_ablation, run_ablation
 from minihuatuo.pipeline.demo import PRESETS, DemoConfig, evaluate_run, run_demo
 from minihuatuo.services.config import add_config_args, build_config, positive_int
 
 
 def cmd_demo(args) -> int:
+    if args.ablation and args.evaluate:
+        cfg = build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args)
+        evaluate_ablation(args.evaluate, cfg, args.out or f"{args.evaluate}_heldout{cfg.heldout_seed}")
+        return 0
     if args.ablation:
         run_ablation(build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args),
                      args.out or "demo_ablation", seeds=args.seeds, simple_attempts=args.simple_attempts)
@@ -29,7 +33,8 @@ def add_cli(sub) -> None:
     p.add_argument("--simple-attempts", type=positive_int, default=SIMPLE_ATTEMPTS,
                    help=f"the ablation's simple CoTs: fresh first chains tried per problem (default {SIMPLE_ATTEMPTS})")
     p.add_argument("--evaluate", metavar="RUN", default=None,
-                   help="grade the checkpoints of the earlier run RUN on the held-out draw --heldout-seed "
-                        "(no training; the protocol's test draws, notes/demo.md §9)")
+                   help="grade the checkpoints of the earlier run RUN (a demo run, or with --ablation an ablation "
+                        "run) on the held-out draw --heldout-seed (no training; the protocol's test draws, "
+                        "notes/demo.md §9)")
     add_config_args(p, DemoConfig)
     p.set_defaults(func=cmd_demo)

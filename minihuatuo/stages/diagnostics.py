@@ -18,6 +18,10 @@ reply-level measures, computed the same way for every stage, can (definitions in
     reflection gain   per reply with a reflection: +1 when its first answer is wrong and its final
                       answer right, −1 when the first is right and the final wrong; summed, / n
 
+`thinking=False` reads a reply as the direct-response reward does (services/reward.py, `require_thinking`
+off; the ablation's direct arm): the whole reply is the final response, there is no thinking part, so no
+conclusion, reflection or verdict, and a reply is finished when it is not empty (and stopped).
+
 A verdict is right when it rejects a wrong conclusion or confirms a right one, so the share of right
 verdicts says whether verification discriminates (a model that rejects everything scores the share
 of wrong conclusions, not 1). Grading uses the caller's `grade(text, reference)` (the demo passes
@@ -83,11 +87,15 @@ class Reading:
 
 
 def read_reply(reply: str, cfg: DiagnosticsConfig = DiagnosticsConfig(), stopped: bool | None = None,
-               cue: str | None = None) -> Reading:
+               cue: str | None = None, thinking: bool = True) -> Reading:
     """Read one reply (see the module docstring). `stopped`: the generator's stop flag, when known.
     `cue`: a word a conclusion must contain to answer THIS question ("treatment" when the question asks
     for one), so that "So, the most likely diagnosis is X." on the way to a treatment is a step, not an
-    answer; None: every conclusion answers."""
+    answer; None: every conclusion answers. `thinking`: False for a direct response (no thinking part)."""
+    if not thinking:
+        final = extract_final_response(reply, "exact").strip() or None
+        return Reading(finished=final is not None and stopped is not False, final=final, conclusions=[],
+                       reflected=False)
     pat = cfg.compiled()
     final = extract_final_response(reply)
     thinking = re.split(r"^#+\s*final response\b", reply, maxsplit=1, flags=re.I | re.M)[0]
@@ -113,19 +121,19 @@ def read_reply(reply: str, cfg: DiagnosticsConfig = DiagnosticsConfig(), stopped
 def summarize(replies: list[str], references: list[str], grade: Grade, cfg: DiagnosticsConfig = DiagnosticsConfig(),
               tokens: list[int] | None = None, stopped: list[bool] | None = None,
               types: list[str] | None = None, cues: list[str | None] | None = None,
-              hack: Grade | None = None) -> dict:
+              hack: Grade | None = None, thinking: bool = True) -> dict:
     """The diagnostics of one stage over its replies (fractions of all replies unless said otherwise).
     `tokens`: reply lengths; `stopped`: the generator's stop flags; `types`: a question type per reply,
     for `by_type`; `cues`: per reply, the word an answering conclusion contains (`read_reply`).
     `hack(final, reference)`: whether a final response games a mention-based reward (the rule
     verifier's `hack`: several candidates, or the reference negated or abandoned); gives `hack_rate`,
     the share of replies whose final response does. Accuracy is the final response graded against the reference (no final response =
-    wrong)."""
+    wrong). `thinking`: as in read_reply."""
     n = len(replies)
     if n == 0:
         raise ValueError("no replies to summarize")
-    readings = [read_reply(r, cfg, None if stopped is None else stopped[i], None if cues is None else cues[i])
-                for i, r in enumerate(replies)]
+    readings = [read_reply(r, cfg, None if stopped is None else stopped[i], None if cues is None else cues[i],
+                           thinking) for i, r in enumerate(replies)]
     final_ok = [rd.final is not None and grade(rd.final, ref) for rd, ref in zip(readings, references)]
     first_ok = [rd.first_answer is not None and grade(rd.first_answer, ref) for rd, ref in zip(readings, references)]
     gain = sum((not f and c) - (f and not c) for rd, f, c in zip(readings, first_ok, final_ok) if rd.reflected)
