@@ -39,7 +39,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 from minihuatuo.engine import decode_step
 from minihuatuo.engine.checkpoint import save_model

@@ -32,14 +32,14 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from minihuatuo.pipeline.demo import (DemoConfig, evaluate_model, fine_tune, make_problems, reinforce,
-                                      search_trajectories, say)
+from minihuatuo.pipeline.demo import (DemoConfig, evaluate_model, fine_tune, heldout_exam, make_problems,
+                                      reinforce, search_trajectories, say)
 from minihuatuo.pipeline.demo_verifier import ppo_verifier
 from minihuatuo.services.backends import LocalBackend
 from minihuatuo.services.formats import read_problems
 from minihuatuo.stages.search_reformat import simple_cot
 from minihuatuo.world.evaluation import world_verifier
-from minihuatuo.world.exam import generate_exam, open_problem
+from minihuatuo.world.exam import generate_exam
 from minihuatuo.world.kb import DEFAULT_KB, load_kb
 
 VARIANTS = ("direct", "simple", "complex")
@@ -134,10 +134,7 @@ def run_ablation(cfg: DemoConfig, out_dir, seeds: int = 3, simple_attempts: int 
     else:
         (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
     t0 = time.perf_counter()
-    kb = load_kb(DEFAULT_KB)
-    verifier = world_verifier(kb)
-    heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
-    problems = [open_problem(it) for it in heldout]
+    verifier, heldout, problems = heldout_exam(cfg)
     runs_file = out / "runs.jsonl"
     runs = read_jsonl(runs_file) if runs_file.exists() else []
     done = {(r["seed"], r["variant"]) for r in runs}
@@ -197,10 +194,7 @@ def evaluate_ablation(run_dir, cfg: DemoConfig, out_dir) -> dict:
     if (out / "ablation.json").exists():
         raise ValueError(f"{out}: already holds results; choose another --out")
     trained = json.loads((run / "settings.json").read_text(encoding="utf-8"))
-    kb = load_kb(DEFAULT_KB)
-    verifier = world_verifier(kb)
-    heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
-    problems = [open_problem(it) for it in heldout]
+    verifier, heldout, problems = heldout_exam(cfg)
     out.mkdir(parents=True, exist_ok=True)
     base = evaluate_model(trained["config"]["base"], heldout, problems, verifier, cfg, out / "eval_base.jsonl", "base",
                           mcq=False)

@@ -354,10 +354,8 @@ def run_demo(cfg: DemoConfig, out_dir) -> dict:
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n", encoding="utf-8")
     t0 = time.perf_counter()
     kb = load_kb(DEFAULT_KB)
-    verifier = world_verifier(kb)
     train_items = generate_exam(kb, "train", cfg.n_train, cfg.seed, cfg.train_exam)
-    heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
-    problems = [open_problem(it) for it in heldout]
+    verifier, heldout, problems = heldout_exam(cfg, kb)
     write_problems(out / "heldout.json", problems)
     timings: dict = {}
     models = huatuo_o1(cfg, out, train_items, verifier, timings)
@@ -389,6 +387,14 @@ def run_demo(cfg: DemoConfig, out_dir) -> dict:
     return results
 
 
+def heldout_exam(cfg: DemoConfig, kb=None):
+    """(the world's verifier, the held-out items of draw cfg.heldout_seed, their open-ended problems):
+    what every evaluation of a demo or ablation run grades on (the draw never touches training)."""
+    kb = kb if kb is not None else load_kb(DEFAULT_KB)
+    heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
+    return world_verifier(kb), heldout, [open_problem(it) for it in heldout]
+
+
 def evaluate_run(run_dir, cfg: DemoConfig, out_dir) -> dict:
     """The checkpoints of an earlier demo run (base, sft/final, ppo/final/policy) graded on the held-out
     draw `cfg.heldout_seed`, as run_demo grades them: the protocol's test draws (notes/demo.md §9)
@@ -403,10 +409,7 @@ def evaluate_run(run_dir, cfg: DemoConfig, out_dir) -> dict:
         raise ValueError(f"{out}: already holds results; choose another --out")
     trained = json.loads((run / "config.json").read_text(encoding="utf-8"))
     models = {"base": Path(trained["base"]), "sft": run / "sft" / "final", "ppo": run / "ppo" / "final" / "policy"}
-    kb = load_kb(DEFAULT_KB)
-    verifier = world_verifier(kb)
-    heldout = generate_exam(kb, "heldout", cfg.n_heldout, cfg.heldout_seed)
-    problems = [open_problem(it) for it in heldout]
+    verifier, heldout, problems = heldout_exam(cfg)
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     for name, model_dir in models.items():
