@@ -82,19 +82,27 @@ def test_every_output_parses(quick_run):
     assert len(search) > 0 and len(rl) > 0 and len(records) == len(search)
     assert len({r["id"] for r in records}) == len(records)
     sft = read_sft(out / "search" / "sft.jsonl")
-    # search.jsonl is the search's own record; a found trajectory whose reflection is false of its case
-    # is left out of the SFT files (world/reflection.py) and listed with its faults
-    dropped = read_jsonl(out / "search" / "false_reflections.jsonl")
-    assert all(d["faults"] for d in dropped)
+    # search.jsonl is the search's own record. A found trajectory whose reflection is false of its case
+    # is left out of the SFT files (world/reflection.py) and listed with its faults (search.false_reflection
+    # "keep"); with "retry" the check ends such an attempt inside the search, and each one is listed
+    lines = read_jsonl(out / "search" / "false_reflections.jsonl")
+    dropped = [d for d in lines if "Complex_CoT" in d]
+    ended = [d for d in lines if "attempt" in d]
+    assert all(d["faults"] for d in lines) and len(dropped) + len(ended) == len(lines)
     assert {d["id"] for d in dropped} <= {r["id"] for r in records if r["search"]["success"]}
+    by_id = {r["id"]: r for r in records}
+    assert all({"attempt": d["attempt"], "outcome": "false_reflection", "detail": d["faults"]}
+               in by_id[d["id"]]["search"]["outcomes"] for d in ended)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert (dropped, ended)[config["search"]["false_reflection"] == "keep"] == []
     assert len(sft) == sum(r["search"]["success"] for r in records) - len(dropped)
     summary = json.loads((out / "search" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["discarded"].get("false_reflection", 0) == len(dropped)
+    assert summary["discarded"].get("false_reflection", 0) == len(dropped) + sum(
+        r["search"]["failure_reason"] == "false_reflection" for r in records)
     read_sft(out / "search" / "sft_simple_cot.jsonl")
     read_sft(out / "search" / "sft_direct.jsonl")
     steps = read_jsonl(out / "sft" / "metrics.jsonl")
     updates = read_jsonl(out / "ppo" / "metrics.jsonl")
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     assert steps and all(s["loss"] > 0 for s in steps if "loss" in s)
     assert [u["update"] for u in updates] == list(range(1, config["ppo_updates"] + 1))
     # issue 19 point 4: the shipped PPO takes several optimizer steps per update (epochs × minibatches),

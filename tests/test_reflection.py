@@ -131,3 +131,34 @@ def test_a_treatment_confirmation_must_check_the_patients_context():
     # a rejection is not a confirmation
     assert not any("without checking" in f for f in reflection_faults(KB, CELL, [verify(
         "Cellulitis does not explain x, so the diagnosis of cellulitis does not hold.")]))
+
+
+def test_the_demo_search_retries_an_attempt_whose_reflection_is_false(tmp_path):
+    """search.false_reflection = "retry": the world's check runs inside the demo's search (the base
+    model as search LLM, real world problems); every trajectory kept is true of its case, every attempt
+    the check ended is listed with its faults, and the problems that needed it searched again."""
+    import json
+    from dataclasses import replace
+
+    from minihuatuo.pipeline.demo import DemoConfig, search_trajectories
+    from minihuatuo.services.backends import LocalBackend
+    from minihuatuo.services.formats import VerifiableProblem
+    from minihuatuo.stages.problem_rules import reformat_offline
+    from minihuatuo.world.evaluation import world_verifier
+    from minihuatuo.world.exam import generate_exam
+
+    cfg = DemoConfig()
+    items = generate_exam(KB, "train", 24, 0, cfg.train_exam)
+    problems = [VerifiableProblem(*reformat_offline(it), {"source_id": it.id}) for it in items]
+    worlds = {it.id: it.extra["world"] for it in items}
+    base = LocalBackend.from_dir(cfg.base, dtype="float32", batch_size=24, seed=0)
+    search_trajectories(replace(cfg.search, false_reflection="retry", max_in_flight=24, max_depth=1), tmp_path, problems, base,
+                        world_verifier(KB), worlds)
+    records = [json.loads(line) for line in open(tmp_path / "search.jsonl")]
+    kept = [r for r in records if r["search"]["success"]]
+    assert kept and all(reflection_faults(KB, worlds[r["source_id"]], r["Long_CoT"]) == [] for r in kept)
+    ended = [json.loads(line) for line in open(tmp_path / "false_reflections.jsonl")]
+    assert ended and all(e["faults"] and "Complex_CoT" not in e for e in ended)  # none kept, so none marked after
+    for e in ended:  # the attempt the check ended is followed by another, or the problem is discarded for it
+        s = next(r["search"] for r in records if r["id"] == e["id"])
+        assert s["attempts"] > e["attempt"] or s["failure_reason"] == "false_reflection"

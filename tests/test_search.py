@@ -156,6 +156,41 @@ def test_depth_and_attempt_limits_are_exact(tmp_path):
         assert "Complex_CoT" not in rec and "Question" not in rec
 
 
+def test_a_false_reflection_ends_the_attempt_when_retrying(tmp_path):
+    """false_reflection = "retry": a verified trajectory the reflection check faults ends its attempt
+    (outcome false_reflection, with the faults) and the next attempt starts with a new e_0; "keep"
+    accepts the same trajectory; all attempts faulted discards the problem with that reason."""
+    def faults(p, actions):  # a stand-in check: any thought that says "Koplik" is false here
+        assert p.y_star == "measles"
+        return [f"false: {a['content']}" for a in actions if "Koplik" in a["content"]]
+
+    lie, truth = cot("measles", thoughts=("Koplik spots.",)), cot("measles", thoughts=("Rash after fever.",))
+    refined_lie = cot("measles", refine=True, thoughts=("Koplik spots.",))
+    llm = Scripted({"Q1": [lie, truth, NATURAL, "Measles."],  # depth 0 faulted, then attempt 2 accepted
+                    "Q2": [cot("influenza"), refined_lie, cot("influenza"), refined_lie],  # depth 1 faulted twice
+                    "Q3": [lie, NATURAL, "Measles."]})
+    r1, r2, r3 = run_search([problem(1), problem(2), problem(3)], llm, ExactMatchVerifier(), tmp_path / "r",
+                            SearchConfig(max_depth=2, max_attempts=2, false_reflection="retry"), progress=False,
+                            reflection_faults=lambda p, a: [] if "Q3" in p.x else faults(p, a))
+    assert r1["search"]["success"] and r1["search"]["accepted_at"] == {"attempt": 2, "depth": 0}
+    assert r1["search"]["outcomes"] == [{"attempt": 1, "outcome": "false_reflection", "detail": ["false: Koplik spots."]}]
+    assert "Koplik" not in json.dumps(r1["Long_CoT"])
+    s2 = r2["search"]  # the verified refinement ends the attempt: no second refinement is asked
+    assert not s2["success"] and s2["failure_reason"] == "false_reflection"
+    assert s2["failure_detail"] == ["false: Koplik spots."] and s2["attempts"] == 2
+    assert [(t["attempt"], t["depth"]) for t in s2["trajectory"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert [o["outcome"] for o in s2["outcomes"]] == ["false_reflection", "false_reflection"]
+    assert r3["search"]["success"] and r3["search"]["accepted_at"] == {"attempt": 1, "depth": 0}
+    # "keep" (the default): the verifier alone decides, the check is never consulted
+    keep = Scripted({"Q1": [lie, NATURAL, "Measles."]})
+    [k] = run_search([problem(1)], keep, ExactMatchVerifier(), tmp_path / "k", SearchConfig(), progress=False,
+                     reflection_faults=lambda p, a: pytest.fail("consulted"))
+    assert k["search"]["accepted_at"] == {"attempt": 1, "depth": 0} and "Koplik" in json.dumps(k["Long_CoT"])
+    with pytest.raises(ValueError, match="needs a reflection check"):
+        run_search([problem(1)], keep, ExactMatchVerifier(), tmp_path / "n", SearchConfig(false_reflection="retry"),
+                   progress=False)
+
+
 def test_backtracking_needs_an_earlier_step_and_the_paper_text_rule_is_available(tmp_path):
     assert "Backtracking" not in allowed_strategies(1, "earlier-step")
     assert allowed_strategies(2, "earlier-step") == allowed_strategies(3, "earlier-step") == list(STRATEGIES)
@@ -523,6 +558,10 @@ def test_bad_input_names_file_line_and_field(tmp_path, capsys):
     data.write_text(json.dumps(problem(1).to_record()))
     assert main(["search", "--data", str(data), "--out", str(tmp_path / "o")]) == 2
     assert "--search-checkpoint DIR, or as --search-url and --search-model" in capsys.readouterr().err
+    # the reflection check exists only in the demo's world: the command says so, and writes nothing
+    assert main(["search", "--data", str(data), "--out", str(tmp_path / "r"), "--false-reflection", "retry"]) == 2
+    assert "--false-reflection retry needs the reflection check of the demo's world" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_command_end_to_end_with_a_real_tiny_model(tiny_checkpoint, tmp_path):

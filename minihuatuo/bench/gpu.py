@@ -95,8 +95,7 @@ def decode_benchmark(name: str, device: torch.device, new_tokens: int, prompt_le
            "copy_GBps": round(copy_gbs, 1), "of_copy_bound": round(tok_s * per_token / 1e9 / copy_gbs, 3)}
     if peak:
         row.update(peak_GBps=peak, of_peak_bound=round(tok_s * per_token / 1e9 / peak, 3))
-    del model
-    return row
+    return row  # the model's memory goes with this frame and the closure `run`
 
 
 def run_step(cmd: list[str], timeout: int) -> dict:

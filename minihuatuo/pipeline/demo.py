@@ -36,7 +36,7 @@ from typing import ClassVar
 
 from minihuatuo.pipeline.demo_verifier import RLVerifierConfig, ppo_verifier, verifier_results
 from minihuatuo.services.backends import ChatRequest, LocalBackend
-from minihuatuo.services.config import require_nonnegative, require_positive, require_seed
+from minihuatuo.services.config import ConfigError, require_nonnegative, require_positive, require_seed
 from minihuatuo.services.formats import write_problems
 from minihuatuo.stages.diagnostics import DiagnosticsConfig, read_reply, summarize
 from minihuatuo.stages.evaluate import FREE_PROMPT, extract_choice, render_prompt
@@ -67,8 +67,10 @@ class DemoConfig:
     n_heldout: int = 300  # held-out problems (new combinations of findings), graded for each model
     heldout_seed: int = 1000  # fixed apart from `seed`, so that seeds differ in training only
     response_length: int = 384  # new tokens per search reply, PPO rollout and evaluation reply
-    # discard searched trajectories whose reflection says something false of the case (world/
-    # reflection.py): the small search LLM writes them, SFT on them teaches "always reject" (§10)
+    # keep no searched trajectory whose reflection says something false of the case (world/
+    # reflection.py): the small search LLM writes them, SFT on them teaches "always reject" (§10).
+    # search.false_reflection says how: "retry" (the attempt ends inside the search, §17) or "keep"
+    # (kept by the search, discarded after it: the setting of §10-16)
     reflection_check: bool = True
     # the *training* exam (world/exam.py); the held-out exam keeps ExamConfig's defaults. Its
     # `contraindicated` (P(a treatment question's named context rules out the first-line drug)): the
@@ -86,6 +88,10 @@ class DemoConfig:
         max_attempts=3,  # T
         reformat="template",  # no LLM offline (search_reformat.py)
         max_in_flight=512,  # problems searched at once (one batched sampler call per step)
+        # a verified trajectory whose reflection is false ends its attempt and the next attempt starts, so
+        # a patient with a named context keeps the trajectories that check it: contraindicated treatments
+        # after PPO 7-18 % -> 44-60 % on the dev draw (notes/demo.md §17)
+        false_reflection="retry",
     ))
     # stage 1: SFT (stages/sft.py)
     sft: SFTConfig = field(default_factory=lambda: replace(
@@ -168,6 +174,9 @@ class DemoConfig:
         require_positive(self, "n_train", "n_heldout", "response_length", "ppo_updates", "batch_size")
         require_nonnegative(self, "threads")
         require_seed(self, "seed", "heldout_seed")
+        if self.search.false_reflection == "retry" and not self.reflection_check:
+            raise ConfigError("search.false_reflection", '"retry" runs the reflection check inside the search; with '
+                              'reflection_check false set it to "keep" (--search.false-reflection keep)')
         # the derived values, once: every stage gets the one seed; search replies and PPO rollouts the
         # one response length; PPO runs ppo_updates updates (ppo_run: ceil(total_episodes / batch_size))
         self.problems = replace(self.problems, seed=self.seed)
@@ -227,19 +236,31 @@ def search_trajectories(search_cfg: SearchConfig, out: Path, problems, base, ver
     SFT file and the two ablation files (simple CoT, direct response) of paper Table 2. With
     `worlds` (item id -> the world's record of it), a trajectory whose reflection says something
     false of its case is discarded (world/reflection.py; notes/demo.md §10), and its faults go to
-    out/false_reflections.jsonl."""
+    out/false_reflections.jsonl; with search.false_reflection = "retry" such a trajectory ends its
+    attempt inside the search instead, and the next attempt starts (§17)."""
     from minihuatuo.stages.search import run_search
     from minihuatuo.stages.search_cli import format_summary, token_counter, write_outputs
-    from minihuatuo.world.reflection import drop_false_reflections
+    from minihuatuo.world.reflection import drop_false_reflections, reflection_faults
 
-    records = run_search(problems, base, verifier, out, search_cfg, count_tokens=token_counter(base.tokenizer))
+    kb = load_kb(DEFAULT_KB) if worlds is not None else None
+    faults = None
+    if worlds is not None:  # search.false_reflection = "retry": a false reflection ends the attempt
+        def faults(p, actions):
+            return reflection_faults(kb, worlds[p.extra["source_id"]], actions)
+    records = run_search(problems, base, verifier, out, search_cfg, count_tokens=token_counter(base.tokenizer),
+                         reflection_faults=faults)
     if worlds is not None:
-        marked = drop_false_reflections(load_kb(DEFAULT_KB), records, worlds)
+        marked = drop_false_reflections(kb, records, worlds)
+        retried = [{"id": r["id"], "source_id": r["source_id"], "attempt": o["attempt"], "faults": o["detail"]}
+                   for r in records for o in r["search"]["outcomes"] if o["outcome"] == "false_reflection"]
         with open(out / "false_reflections.jsonl", "w", encoding="utf-8") as f:
             for r in marked:
                 f.write(json.dumps({"id": r["id"], "source_id": r["source_id"], "faults": r["search"]["failure_detail"],
                                     "Complex_CoT": r["Complex_CoT"]}, ensure_ascii=False) + "\n")
-        say(f"reflection check: {len(marked)} trajectories discarded for a false reflection")
+            for line in retried:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        say(f"reflection check: {len(marked)} trajectories discarded for a false reflection" +
+            (f", {len(retried)} attempts ended by one" if search_cfg.false_reflection == "retry" else ""))
     summary = write_outputs(out, records, search_cfg, "base model tokenizer")
     say(format_summary(summary, search_cfg))
     return summary

@@ -65,6 +65,7 @@ from minihuatuo.stages.search_reformat import (
 RESTARTS = ("paper", "official")
 BACKTRACKING_RULES = ("earlier-step", "paper-text")
 REFORMATTERS = ("llm", "template")
+FALSE_REFLECTION = ("keep", "retry")
 
 
 @dataclass
@@ -90,12 +91,18 @@ class SearchConfig:
     # --verifier llm only: how the judge's reply becomes a verdict. "strict": exactly "True";
     # "official": the script's `'true' in reply.lower()`, under which "not true" passes
     judge_parse: str = "strict"
+    # "keep": a trajectory is accepted when the verifier accepts its conclusion (Algorithm 1). "retry":
+    # also when `run_search`'s reflection check finds no false claim in it, else the attempt ends and the
+    # next one starts, like an attempt whose conclusions were all rejected (the demo's world knows each
+    # case, world/reflection.py; notes/demo.md §17). Needs that check: a real-data run has none
+    false_reflection: str = "keep"
 
     def __post_init__(self):  # the rules of the values (services/config.py)
         require_choice(self, "restart", RESTARTS)
         require_choice(self, "backtracking", BACKTRACKING_RULES)
         require_choice(self, "reformat", REFORMATTERS)
         require_choice(self, "judge_parse", JUDGE_PARSES)
+        require_choice(self, "false_reflection", FALSE_REFLECTION)
         require_finite(self)
         require_nonnegative(self, "max_depth", "json_retries", "temperature")
         require_positive(self, "max_attempts", "max_tokens", "max_in_flight")
@@ -132,6 +139,7 @@ FAILURE_REASONS = {
     "unparseable": "a reply could not be read, after json_retries follow-ups",
     "prompt_too_long": "a prompt did not fit the local model's context",
     "rewrite_failed": "the trajectory was accepted, but ê or ŷ could not be produced",
+    "false_reflection": "each verified trajectory's reflection said something false of its case (reflection check)",
 }
 MIN_ROOM = 16  # fewer free context tokens than this: the reply could not hold a step, do not ask
 
@@ -141,6 +149,8 @@ class Context:
     cfg: SearchConfig
     prompts: SearchPrompts
     count: Callable[[str], int]  # text -> number of tokens
+    # (problem, Long_CoT actions) -> the false claims of its reflection; None: no such check
+    reflection_faults: Callable[[VerifiableProblem, list], list] | None = None
 
 
 def ask(ctx: Context, step: dict, content: str, parse, retry_template: str):
@@ -219,16 +229,21 @@ def search_problem(p: VerifiableProblem, pid: str, ctx: Context):
                                             "reused_from_attempt": e0["attempt"]})
             chain = [(INIT, e0["actions"])]
             if ok:
-                return (yield from finish(ctx, trace, p, pid, chain, j, hint=False))
+                if true_reflection(ctx, trace, p, chain, j):
+                    return (yield from finish(ctx, trace, p, pid, chain, j, hint=False))
+                continue                                            # false_reflection: the next attempt
             for i in range(1, cfg.max_depth + 1):                   # for i <- 1 to N
                 k = rng.choice(allowed_strategies(i, cfg.backtracking))  # k_i ~ K
                 refine = refine_prompt(ctx, k, x, chain)            # x, [e_0, y_0, ..., e_{i-1}, y_{i-1}]
                 e_i = yield from ask_cot(ctx, trace, j, i, k, refine)  # e_i, y_i <- LLM_k(...)
                 chain.append((k, e_i["actions"]))
                 if (yield from check(trace, e_i, y_star)):          # if Verifier(y_i, y*)
+                    if not true_reflection(ctx, trace, p, chain, j):
+                        break                                       # false_reflection: the next attempt
                     # ê <- LLM_Reformat(...); ŷ <- LLM_Response(ê); D_SFT <- D_SFT ∪ {(x, ê, ŷ)}; break
                     return (yield from finish(ctx, trace, p, pid, chain, j, hint=False))
-            trace["outcomes"].append({"attempt": j, "outcome": "not_verified"})
+            else:
+                trace["outcomes"].append({"attempt": j, "outcome": "not_verified"})
         except StepFailed as f:                                     # this attempt ends; the next one starts
             trace["outcomes"].append({"attempt": j, "outcome": f.reason, "detail": f.detail})
     if cfg.label_hint and chain:  # official "efficient search": y* disclosed; continues the latest chain
@@ -237,12 +252,25 @@ def search_problem(p: VerifiableProblem, pid: str, ctx: Context):
             e_h = yield from ask_cot(ctx, trace, "hint", len(chain), HINT, hint)
             chain.append((HINT, e_h["actions"]))
             if (yield from check(trace, e_h, y_star)) or not cfg.hint_verify:
-                return (yield from finish(ctx, trace, p, pid, chain, "hint", hint=True))
-            trace["outcomes"].append({"attempt": "hint", "outcome": "not_verified"})
+                if true_reflection(ctx, trace, p, chain, "hint"):
+                    return (yield from finish(ctx, trace, p, pid, chain, "hint", hint=True))
+            else:
+                trace["outcomes"].append({"attempt": "hint", "outcome": "not_verified"})
         except StepFailed as f:
             trace["outcomes"].append({"attempt": "hint", "outcome": f.reason, "detail": f.detail})
     last = trace["outcomes"][-1]
     return make_record(p, pid, trace, None, None, False, failure=(last["outcome"], last.get("detail")))
+
+
+def true_reflection(ctx: Context, trace: dict, p: VerifiableProblem, chain, attempt) -> bool:
+    """With false_reflection = "retry", a verified trajectory must also pass the reflection check; a
+    failure is recorded as the attempt's outcome, with the false claims as its detail."""
+    if ctx.cfg.false_reflection == "keep":
+        return True
+    faults = ctx.reflection_faults(p, long_cot(chain))
+    if faults:
+        trace["outcomes"].append({"attempt": attempt, "outcome": "false_reflection", "detail": faults})
+    return not faults
 
 
 def finish(ctx: Context, trace: dict, p: VerifiableProblem, pid: str, chain, attempt, hint: bool):
@@ -338,18 +366,23 @@ def check_config(out: Path, cfg: SearchConfig) -> None:
 
 
 def run_search(problems: list[VerifiableProblem], backend, verifier, out_dir, cfg: SearchConfig = SearchConfig(),
-               prompts: SearchPrompts | None = None, count_tokens=None, progress: bool = True) -> list[dict]:
+               prompts: SearchPrompts | None = None, count_tokens=None, progress: bool = True,
+               reflection_faults=None) -> list[dict]:
     """The outer loop of Algorithm 1's stage one, `for (x, y*) in D_search`, with up to
     cfg.max_in_flight problems at once. Each step: all pending verifier calls in one
     `verifier.verify_batch`, then all pending LLM requests in one `backend.complete`. Finished
     problems are appended to out_dir/search.jsonl; problems already there are skipped. Returns the
-    records of all `problems`, in input order (search_cli.write_outputs makes the datasets of them)."""
+    records of all `problems`, in input order (search_cli.write_outputs makes the datasets of them).
+    `reflection_faults` (problem, Long_CoT actions) -> false claims: the check that false_reflection =
+    "retry" applies to each verified trajectory (the demo's world, world/reflection.py)."""
     from tqdm import tqdm
 
+    if cfg.false_reflection == "retry" and reflection_faults is None:
+        raise ValueError('false_reflection = "retry" needs a reflection check (reflection_faults); only the demo has one')
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     check_config(out, cfg)
-    ctx = Context(cfg, prompts or SearchPrompts(), count_tokens or estimate_tokens)
+    ctx = Context(cfg, prompts or SearchPrompts(), count_tokens or estimate_tokens, reflection_faults)
     ids = problem_ids(problems)
     log = JsonlAppender(out / "search.jsonl", durable=True)  # opened first: it drops a line cut short by a crash
     done = read_done(out / "search.jsonl")

@@ -166,6 +166,9 @@ def cmd_search(args) -> int:
     from minihuatuo.services.reward import build_verifier
 
     cfg = build_config(SearchConfig, {}, None, args.config, args)
+    if cfg.false_reflection == "retry":  # the check needs a world that knows every case (world/reflection.py)
+        raise ValueError('--false-reflection retry needs the reflection check of the demo\'s world '
+                         '(minihuatuo demo --search.false-reflection retry); a search of real data has none')
     problems = read_search_problems(args.data)
     if not problems:  # nothing to do is not an error: say so, touch nothing in --out, exit 0
         print(f"minihuatuo search: {args.data} holds no problems; nothing to do", file=sys.stderr)
