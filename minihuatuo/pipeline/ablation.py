@@ -89,8 +89,9 @@ def prepare_data(c: DemoConfig, d: Path, simple_attempts: int) -> dict:
         search_trajectories(c.search, d / "search", searched, base, verifier, worlds)
     if not stage_done(d / "simple_search"):  # N = 0, T = simple_attempts: first chains only
         say(f"simple-CoT search: {len(searched)} problems, up to {simple_attempts} first chains each, no refinement")
-        search_trajectories(replace(c.search, max_depth=0, max_attempts=simple_attempts, label_hint=False),
-                            d / "simple_search", searched, base, verifier)
+        # no reflection check here (as before §17's retry): a simple CoT drops e_0's verification
+        search_trajectories(replace(c.search, max_depth=0, max_attempts=simple_attempts, label_hint=False,
+                                    false_reflection="keep"), d / "simple_search", searched, base, verifier)
     return write_variant_data(d)
 
 
