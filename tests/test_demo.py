@@ -362,3 +362,15 @@ def test_fair_ablation_trains_three_arms_of_the_same_problems(quick_run, tmp_pat
     assert read_jsonl(regraded / "runs.jsonl") == read_jsonl(out / "runs.jsonl")
     again = json.loads((regraded / "ablation.json").read_text(encoding="utf-8"))
     assert again["variants"] == summary["variants"] and again["evaluated_run"] == str(out)
+    # resumable: an arm graded before a crash is read back, only the missing ones are graded again
+    kept = read_jsonl(regraded / "runs.jsonl")
+    (regraded / "runs.jsonl").write_text(json.dumps(kept[0]) + "\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--ablation", "--evaluate", str(out),
+                        "--out", str(regraded)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"evaluating seed 0, {kept[0]['variant']}" not in r.stderr and r.stderr.count("evaluating seed") == 2
+    assert read_jsonl(regraded / "runs.jsonl") == kept
+    # the same directory for another draw is refused
+    r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--ablation", "--evaluate", str(out),
+                        "--heldout-seed", "7", "--out", str(regraded)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "another run or draw" in r.stderr

@@ -188,19 +188,36 @@ def evaluate_ablation(run_dir, cfg: DemoConfig, out_dir) -> dict:
     """Every finished arm of the ablation in run_dir (its SFT and PPO checkpoints) and the base model
     graded on the held-out draw `cfg.heldout_seed`, as run_ablation grades them: the protocol's test draws
     (notes/demo.md §9) without training again. Writes out_dir/runs.jsonl, ablation.json, ablation.csv and
-    the graded replies under out_dir/seed{s}/{variant}/."""
+    the graded replies under out_dir/seed{s}/{variant}/. Resumable: each graded arm is appended to
+    out_dir/runs.jsonl as it finishes, and a rerun into the same out_dir (same run, same draw) grades only
+    the arms not there yet, such as those the ablation has finished since; any other out_dir that holds
+    results is refused."""
     run, out = Path(run_dir), Path(out_dir)
     if not (run / "runs.jsonl").exists():
         raise ValueError(f"{run}: not an ablation run (no runs.jsonl)")
-    if (out / "ablation.json").exists():
+    which = {"evaluated_run": str(run), "heldout_seed": cfg.heldout_seed}
+    marker = out / "evaluation.json"
+    if marker.exists():
+        if json.loads(marker.read_text(encoding="utf-8")) != which:
+            raise ValueError(f"{out}: holds the evaluation of another run or draw; choose another --out")
+    elif (out / "ablation.json").exists() or (out / "runs.jsonl").exists():
         raise ValueError(f"{out}: already holds results; choose another --out")
     trained = json.loads((run / "settings.json").read_text(encoding="utf-8"))
     verifier, heldout, problems = heldout_exam(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    base = evaluate_model(trained["config"]["base"], heldout, problems, verifier, cfg, out / "eval_base.jsonl", "base",
-                          mcq=False)
-    runs = []
+    marker.write_text(json.dumps(which, indent=2) + "\n", encoding="utf-8")
+    if (out / "base.json").exists():
+        base = json.loads((out / "base.json").read_text(encoding="utf-8"))
+    else:
+        base = evaluate_model(trained["config"]["base"], heldout, problems, verifier, cfg, out / "eval_base.jsonl",
+                              "base", mcq=False)
+        (out / "base.json").write_text(json.dumps(base, indent=2) + "\n", encoding="utf-8")
+    runs_file = out / "runs.jsonl"
+    runs = read_jsonl(runs_file) if runs_file.exists() else []
+    done = {(r["seed"], r["variant"]) for r in runs}
     for r in read_jsonl(run / "runs.jsonl"):
+        if (r["seed"], r["variant"]) in done:
+            continue
         d, v = run / f"seed{r['seed']}" / r["variant"], out / f"seed{r['seed']}" / r["variant"]
         say(f"evaluating seed {r['seed']}, {r['variant']} on held-out draw {cfg.heldout_seed} ...")
         thinking = r["variant"] != "direct"
@@ -208,8 +225,10 @@ def evaluate_ablation(run_dir, cfg: DemoConfig, out_dir) -> dict:
                              thinking=thinking)
         ppo = evaluate_model(d / "ppo" / "final" / "policy", heldout, problems, verifier, cfg, v / "eval_ppo.jsonl", "ppo",
                              mcq=False, thinking=thinking)
-        runs.append(variant_run(r["seed"], r["variant"], r["sft_examples"], sft, ppo))
-    write_jsonl(out / "runs.jsonl", runs)
+        graded = variant_run(r["seed"], r["variant"], r["sft_examples"], sft, ppo)
+        runs.append(graded)
+        with open(runs_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(graded) + "\n")
     seeds = 1 + max(r["seed"] for r in runs)
     summary = summarize_runs(runs, seeds)
     summary.update(base=base["accuracy"], n=len(problems), heldout_seed=cfg.heldout_seed,
