@@ -374,3 +374,29 @@ def test_fair_ablation_trains_three_arms_of_the_same_problems(quick_run, tmp_pat
     r = subprocess.run([sys.executable, "-m", "minihuatuo", "demo", "--quick", "--ablation", "--evaluate", str(out),
                         "--heldout-seed", "7", "--out", str(regraded)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "another run or draw" in r.stderr
+
+
+@pytest.mark.parametrize("ablation", [False, True])
+def test_evaluate_grades_with_the_threads_asked_for(monkeypatch, ablation):
+    """`demo --evaluate RUN --threads N` (and its ablation form) grades on N threads, as the run itself
+    trained: the grading functions are replaced by a probe of torch's thread count."""
+    import argparse
+
+    import torch
+
+    from minihuatuo.pipeline import demo_cli
+
+    seen = []
+    monkeypatch.setattr(demo_cli, "evaluate_ablation" if ablation else "evaluate_run",
+                        lambda run, cfg, out: seen.append((torch.get_num_threads(), cfg.threads)))
+    parser = argparse.ArgumentParser()
+    demo_cli.add_cli(parser.add_subparsers())
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            args = parser.parse_args(["demo", "--quick", "--evaluate", "RUN", "--threads", str(n)]
+                                     + (["--ablation"] if ablation else []))
+            assert demo_cli.cmd_demo(args) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [(1, 1), (2, 2)]

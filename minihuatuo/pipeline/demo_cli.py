@@ -6,9 +6,18 @@ from minihuatuo.pipeline.demo import PRESETS, DemoConfig, evaluate_run, run_demo
 from minihuatuo.services.config import add_config_args, build_config, positive_int
 
 
+def use_threads(cfg: DemoConfig) -> None:
+    """--threads for grading too (run_demo and run_ablation set it themselves)."""
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
 def cmd_demo(args) -> int:
     if args.ablation and args.evaluate:
         cfg = build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args)
+        use_threads(cfg)
         evaluate_ablation(args.evaluate, cfg, args.out or f"{args.evaluate}_heldout{cfg.heldout_seed}")
         return 0
     if args.ablation:
@@ -17,6 +26,7 @@ def cmd_demo(args) -> int:
         return 0
     cfg = build_config(DemoConfig, PRESETS, "quick" if args.quick else "default", args.config, args)
     if args.evaluate:
+        use_threads(cfg)
         evaluate_run(args.evaluate, cfg, args.out or f"{args.evaluate}_heldout{cfg.heldout_seed}")
         return 0
     run_demo(cfg, args.out or ("demo_quick" if args.quick else "demo_out"))
