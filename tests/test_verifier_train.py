@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 
 from minihuatuo.services.reward import LabeledPair, write_labeled
 from minihuatuo.services.verifier import ClassifierVerifier
+from minihuatuo.stages import verifier_model as vm
+from minihuatuo.stages import verifier_selection as vs
 from minihuatuo.stages import verifier_train as vt
 from minihuatuo.stages.verifier_train import VerifierTrainConfig, train
 
@@ -70,17 +72,17 @@ def trained(tiny):
 
 def test_early_stopping_stops_at_the_right_evaluation():
     seq = [0.5, 0.6, 0.6, 0.55, 0.7, 0.69, 0.7, 0.68]  # equal is no improvement
-    decisions = [vt.early_stopping(seq[:k], 3) for k in range(1, len(seq) + 1)]
+    decisions = [vs.early_stopping(seq[:k], 3) for k in range(1, len(seq) + 1)]
     assert [s for _, s in decisions] == [False] * 7 + [True]  # 3 evaluations after the best (index 4)
     assert decisions[-1][0] == 4 and decisions[3] == (1, False)
-    assert vt.early_stopping(seq, 0) == (4, False)  # patience 0: never stops
-    assert vt.early_stopping([], 2) == (-1, False)
+    assert vs.early_stopping(seq, 0) == (4, False)  # patience 0: never stops
+    assert vs.early_stopping([], 2) == (-1, False)
 
 
 def test_threshold_study_on_hand_made_scores():
     p = [0.9, 0.8, 0.45, 0.3, 0.6, 0.2, 0.1, 0.05]
     y = [True] * 4 + [False] * 4
-    study = vt.threshold_study(p, y)
+    study = vs.threshold_study(p, y)
     rows = {r["threshold"]: r for r in study["rows"]}
     assert list(rows) == [round(0.05 * k, 2) for k in range(1, 20)]
     # t = 0.5: True for 0.9, 0.8 (right) and 0.6 (wrong): TP 2, FN 2, FP 1, TN 3
@@ -92,10 +94,10 @@ def test_threshold_study_on_hand_made_scores():
     assert rows[0.25]["balanced_accuracy"] == rows[0.2]["balanced_accuracy"] == 0.875
     assert rows[0.15]["fpr"] == 0.5 and rows[0.05]["fpr"] == 0.75 and rows[0.95]["tpr"] == 0.0
     assert study["chosen"] == 0.25  # 0.2 and 0.25 tie at 87.5%: the one closer to 0.5
-    assert vt.threshold_study([0.6, 0.4], [True, False])["chosen"] == 0.5  # 0.40 .. 0.55 all perfect
-    assert "<- chosen" in vt.format_study(study).splitlines()[2 + 4]  # the row of 0.25
+    assert vs.threshold_study([0.6, 0.4], [True, False])["chosen"] == 0.5  # 0.40 .. 0.55 all perfect
+    assert "<- chosen" in vs.format_study(study).splitlines()[2 + 4]  # the row of 0.25
     with pytest.raises(ValueError, match="both labels"):
-        vt.threshold_study([0.3], [True])
+        vs.threshold_study([0.3], [True])
 
 
 def test_class_balancing_on_an_imbalanced_file(tmp_path, monkeypatch):
@@ -107,17 +109,17 @@ def test_class_balancing_on_an_imbalanced_file(tmp_path, monkeypatch):
     n_true = sum(labels)
     assert n_true > 2 * (len(labels) - n_true)  # imbalanced, and the split kept both labels on both sides
     assert sum(p.label for p in held) / len(held) == pytest.approx(n_true / len(labels), abs=0.1)
-    w = vt.pair_weights(labels, "weights")
+    w = vs.pair_weights(labels, "weights")
     # each class carries half of the total weight: w_c = n / (2 n_c)
     assert sum(x for x, y in zip(w, labels) if y) == pytest.approx(len(labels) / 2)
     assert sum(x for x, y in zip(w, labels) if not y) == pytest.approx(len(labels) / 2)
-    assert vt.pair_weights(labels, "sampler") == [1.0] * len(labels)
-    draws = [i for e in range(40) for i in vt.balanced_order(labels, 0, e)]
+    assert vs.pair_weights(labels, "sampler") == [1.0] * len(labels)
+    draws = [i for e in range(40) for i in vs.balanced_order(labels, 0, e)]
     assert sum(labels[i] for i in draws) / len(draws) == pytest.approx(0.5, abs=0.03)
-    assert vt.balanced_order(labels, 0, 3) == vt.balanced_order(labels, 0, 3)  # a pure function (resume)
+    assert vs.balanced_order(labels, 0, 3) == vs.balanced_order(labels, 0, 3)  # a pure function (resume)
     # the loop hands those weights to the loss: every weighted sum it computes, by class
     seen = {True: 0.0, False: 0.0}
-    real = vt.weighted_ce_sum
+    real = vm.weighted_ce_sum
 
     def spy(logits, y, weights):
         for label, wt in zip(y.tolist(), weights.tolist()):
@@ -150,9 +152,9 @@ def test_classifier_pad_id_is_never_the_appended_eos():
         def token_to_id(self, token):
             return None
 
-    assert vt.classifier_pad_id(Tok(0), "<eos>", None) == 0
-    assert vt.classifier_pad_id(Tok(7), "<eos>", None) == 0  # pad = eos (Llama-3 style): another id
-    assert vt.classifier_pad_id(Tok(7), "<eos>", 5) == 5
+    assert vm.classifier_pad_id(Tok(0), "<eos>", None) == 0
+    assert vm.classifier_pad_id(Tok(7), "<eos>", None) == 0  # pad = eos (Llama-3 style): another id
+    assert vm.classifier_pad_id(Tok(7), "<eos>", 5) == 5
 
 
 # ----------------------------------------------------------------------------- the loop

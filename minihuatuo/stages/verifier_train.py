@@ -1,7 +1,9 @@
 """Train the classifier verifier: a causal LM fine-tuned into a two-label sequence classifier on
 labelled (response y, reference y*, label) pairs — the step the official release ships the result of
 (a 3B `*ForSequenceClassification` checkpoint, label 1 = correct, P(True) > 0.4 in the RL code) but
-never described. Our recipe and its measurement: notes/verifier.md, "Training the verifier".
+never described. Our recipe and its measurement: notes/verifier.md, "Training the verifier". This file is
+the loop; the classifier, its inputs and loss are verifier_model.py, and the pure choices (class balance,
+the held-out split, early stopping, the threshold study) verifier_selection.py.
 
     for each optimizer step:                         global batch = G pairs over all processes
         for each micro-batch of this rank's share:
@@ -34,17 +36,15 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from minihuatuo.engine.checkpoint import load_model, load_safetensors, write_model_files
-from minihuatuo.engine.model import Transformer
+from minihuatuo.engine.checkpoint import load_safetensors, write_model_files
 from minihuatuo.engine.tokenizer import Tokenizer
 from minihuatuo.services.config import (
     add_config_args,
@@ -66,6 +66,20 @@ from minihuatuo.services.verifier import (
     load_prompt,
 )
 from minihuatuo.stages.sft import epoch_order, global_batches, param_groups
+from minihuatuo.stages.verifier_model import (
+    classifier_from_causal_lm,
+    collate_left,
+    eval_p_true,
+    weighted_ce_sum,
+)
+from minihuatuo.stages.verifier_selection import (
+    balanced_order,
+    early_stopping,
+    format_study,
+    pair_weights,
+    split_pairs,
+    threshold_study,
+)
 from minihuatuo.training import checkpoints
 from minihuatuo.training.distributed import (
     Dist,
@@ -77,7 +91,6 @@ from minihuatuo.training.distributed import (
 from minihuatuo.training.run_dir import RunDir, add_output_args
 from minihuatuo.training.schedules import warmup_then_decay_lr
 
-LABELS = {"0": "False", "1": "True"}  # the released verifier's id2label: label 1 = correct (official RL code)
 THRESHOLD_KEY = "minihuatuo_threshold"  # config.json: the threshold chosen by the threshold study
 TEMPLATE_KEY = "minihuatuo_classifier_template"  # config.json: the input template trained on
 LOWERCASE_KEY = "minihuatuo_classifier_lowercase"  # config.json: pairs case-folded before the template
@@ -136,164 +149,6 @@ PRESETS = {
     "tiny-world": VerifierTrainConfig(epochs=3, lr=1e-3, global_batch_size=32, micro_batch_size=32, max_length=512,
                                       eval_every=25, patience=4, warmup_ratio=0.05, lowercase=True),
 }
-
-
-# ----------------------------------------------------------------------------- pure pieces
-
-def class_weights(labels: list[bool]) -> dict[bool, float]:
-    """w_c = n / (2 n_c): each class carries half of the loss whatever its share (sklearn's "balanced")."""
-    n, pos = len(labels), sum(labels)
-    return {True: n / (2 * pos) if pos else 0.0, False: n / (2 * (n - pos)) if n - pos else 0.0}
-
-
-def pair_weights(labels: list[bool], balance: str) -> list[float]:
-    """The loss weight of each pair: class weights under balance="weights", 1 otherwise."""
-    if balance != "weights":
-        return [1.0] * len(labels)
-    w = class_weights(labels)
-    return [w[y] for y in labels]
-
-
-def balanced_order(labels: list[bool], seed: int, epoch: int) -> list[int]:
-    """balance="sampler": n draws with replacement, each class with probability 1/2 (each pair of class c
-    with 1 / (2 n_c)). A pure function of (seed, epoch), like sft.epoch_order, so a resume redraws it."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    w = class_weights(labels)
-    probs = torch.tensor([w[y] for y in labels], dtype=torch.float64)
-    return torch.multinomial(probs, len(labels), replacement=True, generator=g).tolist()
-
-
-def split_pairs(pairs: list[LabeledPair], fraction: float, seed: int) -> tuple[list[LabeledPair], list[LabeledPair]]:
-    """(train, held-out): a seeded `fraction` of each label held out (at least one of each when the class
-    has two or more), so the held-out balanced accuracy is defined. Order within each part is the file's."""
-    g = torch.Generator().manual_seed(seed)
-    held = set()
-    for label in (True, False):
-        idx = [i for i, p in enumerate(pairs) if p.label == label]
-        k = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) >= 2 else 0
-        held |= {idx[j] for j in torch.randperm(len(idx), generator=g)[:k].tolist()}
-    return ([p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held])
-
-
-def early_stopping(history: list[float], patience: int) -> tuple[int, bool]:
-    """(index of the best evaluation, stop now?) for the held-out metrics so far (higher is better).
-    Only a strictly better value is an improvement; stop when the last `patience` evaluations brought
-    none (patience 0: never stop)."""
-    best = max(range(len(history)), key=lambda i: (history[i], -i)) if history else -1
-    return best, bool(patience and history and len(history) - 1 - best >= patience)
-
-
-THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05, 0.10, ..., 0.95
-
-
-def threshold_study(p_true: list[float], labels: list[bool], thresholds=THRESHOLDS) -> dict:
-    """Accuracy, TPR, FPR and balanced accuracy of "True iff P(True) > t" (strictly, as the official
-    code) for each t; the chosen t has the highest balanced accuracy, ties going to the t closest to
-    0.5 (then the lower one)."""
-    rows = []
-    for t in thresholds:
-        m = binary_metrics([p > t for p in p_true], labels)
-        fpr = m["fp"] / (m["fp"] + m["tn"]) if m["fp"] + m["tn"] else math.nan
-        rows.append({"threshold": t, "accuracy": m["accuracy"], "tpr": m["recall"], "fpr": fpr,
-                     "balanced_accuracy": m["balanced_accuracy"], "tp": m["tp"], "fp": m["fp"], "tn": m["tn"],
-                     "fn": m["fn"]})
-    scored = [r for r in rows if not math.isnan(r["balanced_accuracy"])]
-    if not scored:
-        raise ValueError("threshold study: the held-out pairs need both labels")
-    # rounded: the same counts reached by different sums must tie
-    best = max(scored, key=lambda r: (round(r["balanced_accuracy"], 12), -abs(r["threshold"] - 0.5), -r["threshold"]))
-    return {"n": len(labels), "positives": sum(labels), "rows": rows, "chosen": best["threshold"],
-            "chosen_balanced_accuracy": best["balanced_accuracy"]}
-
-
-def format_study(study: dict) -> str:
-    head = f"{'threshold':>9}{'accuracy':>10}{'TPR':>8}{'FPR':>8}{'bal. acc':>10}"
-    lines = [head, "-" * len(head)]
-    for r in study["rows"]:
-        mark = "  <- chosen" if r["threshold"] == study["chosen"] else ""
-        lines.append(f"{r['threshold']:>9.2f}" + "".join(f"{100 * r[k]:>{w - 1}.1f}%" for k, w in
-                     (("accuracy", 10), ("tpr", 8), ("fpr", 8), ("balanced_accuracy", 10))) + mark)
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- the model
-
-class SequenceClassifier(Transformer):
-    """The engine's Transformer with a 2-label `score` head and no LM head, whose forward is
-    `classify` (logits at the last real token): DDP and FSDP2 hook forward, so training calls it.
-    Parameter names are the Transformer's, so checkpoints are the HF *ForSequenceClassification layout."""
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.classify(input_ids, attention_mask)  # (B, 2)
-
-
-def classifier_pad_id(tokenizer, eos_text: str, base_pad: int | None) -> int:
-    """config.json's pad_token_id for the classifier. We left-pad and pool at the last real token;
-    transformers pools at the last token that is not pad_token_id (notes/verifier.md, difference 6), so
-    the two agree on every input ending in the appended eos as long as pad_token_id is not the eos id.
-    Prefer the tokenizer's pad, then the base's, then any other id."""
-    eos_ids = tokenizer.encode(eos_text, add_special_tokens=False) if eos_text else []
-    eos = eos_ids[-1] if eos_ids else None
-    for cand in (tokenizer.pad_id, base_pad, tokenizer.token_to_id("<|finetune_right_pad_id|>"),
-                 tokenizer.token_to_id("<|pad|>"), 0, 1):
-        if cand is not None and cand != eos:
-            return int(cand)
-    raise AssertionError("unreachable: 0 and 1 cannot both be the eos id")
-
-
-def classifier_from_causal_lm(model_dir, tokenizer, eos_text: str, seed: int, device) -> SequenceClassifier:
-    """The base checkpoint's decoder with a new bias-free score head C -> 2, N(0, initializer_range)
-    as transformers initialises it (seeded); a checkpoint that already has a 2-label head keeps it."""
-    base = load_model(model_dir, dtype=torch.float32, device=device)
-    if base.cfg.num_labels not in (0, 2):
-        raise ValueError(f"{model_dir}: has a {base.cfg.num_labels}-label head; the verifier has 2 labels")
-    cfg = replace(base.cfg, lm_head=False, num_labels=2, tie_word_embeddings=False,
-                  pad_token_id=classifier_pad_id(tokenizer, eos_text, base.cfg.pad_token_id),
-                  extra={**base.cfg.extra, "id2label": dict(LABELS),
-                         "label2id": {v: int(k) for k, v in LABELS.items()}})
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("lm_head.")}
-    if "score.weight" not in state:
-        g = torch.Generator().manual_seed(seed)
-        state["score.weight"] = (torch.randn(2, cfg.hidden_size, generator=g) * cfg.initializer_range).to(device)
-    with torch.device("meta"):
-        model = SequenceClassifier(cfg)
-    model.load_state_dict(state, assign=True)
-    return model
-
-
-def collate_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left padding and its mask, as ClassifierVerifier.p_true builds them at inference."""
-    T = max(len(x) for x in rows)
-    ids = torch.tensor([[pad_id] * (T - len(x)) + x for x in rows], device=device)  # (B, T)
-    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in rows], device=device)  # (B, T)
-    return ids, mask
-
-
-def weighted_ce_sum(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_i w_i · −log softmax(z_i)[label_i]; logits (B, 2), labels (B,), weights (B,)."""
-    return (F.cross_entropy(logits.float(), labels, reduction="none") * weights).sum()
-
-
-@torch.no_grad()
-def eval_p_true(model, ids: list[list[int]], pad_id: int, micro_batch_size: int, d: Dist) -> list[float]:
-    """P(True) of every held-out pair. Each rank scores a strided share of the same length (the last
-    ones wrap around, so that every rank runs the same number of forwards: FSDP2 gathers weights in
-    each), and the shares are summed over ranks."""
-    was_training = model.training
-    model.eval()
-    n = len(ids)
-    per_rank = math.ceil(n / d.world)
-    mine = [d.rank + d.world * k for k in range(per_rank)]
-    out = torch.zeros(n, dtype=torch.float64, device=d.device)
-    for s in range(0, per_rank, micro_batch_size):
-        chunk = mine[s:s + micro_batch_size]
-        logits = model(*collate_left([ids[i % n] for i in chunk], pad_id, d.device))  # (B, 2)
-        p = torch.softmax(logits.float(), dim=-1)[:, 1].double()
-        for i, v in zip(chunk, p):
-            if i < n:
-                out[i] = v
-    model.train(was_training)
-    return all_sum(out, d).tolist()
 
 
 # ----------------------------------------------------------------------------- checkpoints
